@@ -1,0 +1,64 @@
+# secretd — the commands README shows and CI runs.
+#   make demo    build everything and run the main job end to end
+#   make test    build once (release, static) and run every test layer against that build
+#   make lint    rustfmt, clippy -D warnings, ruff, mypy --strict
+#   make bench   latency/throughput benchmarks (not tests: nothing is gated on time)
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PROFILE    ?= release
+TARGET     := x86_64-unknown-linux-gnu
+CARGO      ?= cargo
+CARGO_ARGS := --profile $(PROFILE) --target $(TARGET) --locked
+BIN_DIR    := $(CURDIR)/target/$(TARGET)/$(PROFILE)
+PYTHON     ?= python3
+VENV       := $(CURDIR)/.venv
+PY         := $(VENV)/bin/python
+export SECRETD_BIN_DIR := $(BIN_DIR)
+
+.PHONY: help build venv test test-rust test-py test-e2e lint demo bench proto-py clean
+
+help:
+	@echo "targets: demo test lint bench build venv proto-py clean"
+
+## build: the whole workspace, once, in one profile (every test layer reuses it)
+build:
+	$(CARGO) build $(CARGO_ARGS) --workspace --bins --tests
+
+## venv: a venv inside the repo with pinned packages and the client installed from client-py/
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: requirements-dev.txt client-py/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e client-py
+	touch $@
+
+## proto-py: regenerate the Python client's private stubs from proto/ (the single source)
+proto-py: venv
+	$(PY) client-py/tools/gen_proto.py
+
+test: build venv test-rust test-py test-e2e
+
+test-rust: build
+	$(CARGO) test $(CARGO_ARGS) --workspace --no-fail-fast
+
+test-py: build venv
+	$(PY) -m pytest -q client-py/tests
+
+test-e2e: build venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy $(CARGO_ARGS) --workspace --all-targets -- -D warnings
+	$(VENV)/bin/ruff check client-py tests
+	$(VENV)/bin/ruff format --check client-py tests
+	$(VENV)/bin/mypy --strict client-py/src tests
+
+demo: build venv
+	$(PY) demo/demo.py
+
+clean:
+	$(CARGO) clean
+	rm -rf $(VENV)
