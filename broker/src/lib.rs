@@ -1,1 +1,4 @@
 //! secretd broker
+
+pub mod name;
+pub mod policy;
