@@ -1,4 +1,5 @@
 //! secretd broker
 
+pub mod config;
 pub mod name;
 pub mod policy;

@@ -1,0 +1,1354 @@
+//! The broker's configuration file, in two stages: TOML is parsed into raw structs that reject
+//! every unknown key, then converted into a validated [`Config`] (users and groups resolved,
+//! globs compiled, paths checked). Nothing half-valid escapes: either the whole file is good or
+//! there is one [`ConfigError`].
+//!
+//! Errors are for operators and always read `PATH:LINE:COLUMN: message`, one line, pointing at
+//! the offending key or value (line and column are 1-based; the column counts characters):
+//!
+//! ```text
+//! /etc/secretd/secretd.toml:7:1: unknown key `colour` in [server], expected one of `socket`, ...
+//! /etc/secretd/secretd.toml:12:8: `user` in [[scope]] #2: no user named "ordrs" in /etc/passwd
+//! ```
+//!
+//! Besides the sections of the contract (`[server]`, `[sources.env]`, `[sources.files]`,
+//! `[[scope]]`) two sections of our own are accepted:
+//!
+//! ```toml
+//! [limits]
+//! max_connections = 1024            # open connections; more wait in the listen backlog
+//! max_streams_per_connection = 32   # concurrent calls per connection (HTTP/2 streams)
+//! max_request_bytes = 65536         # largest decoded request message
+//! max_names_per_request = 256       # names in one GetSecrets call
+//! shutdown_grace = "5s"             # how long in-flight calls may run after SIGTERM
+//!
+//! [log]
+//! format = "human"                  # or "json"
+//! level = "info"                    # a tracing EnvFilter directive; RUST_LOG overrides it
+//! ```
+//!
+//! The file holds no secret values, so echoing its text in errors is fine.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+use std::{fs, io};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::name::is_name_byte;
+use crate::policy::{Matcher, Policy, Scope, secret_glob};
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/secretd/secretd.toml";
+pub const DEFAULT_SOCKET_PATH: &str = "/run/secretd/secretd.sock";
+pub const DEFAULT_SOCKET_MODE: u32 = 0o666;
+/// Environment variables never taken as secrets unless `exclude` is given explicitly.
+pub const DEFAULT_ENV_EXCLUDE: &[&str] = &[
+    "PATH", "HOME", "HOSTNAME", "LANG", "LC_*", "TERM", "TZ", "PWD", "SHLVL", "RUST_LOG",
+];
+/// Longest socket path the kernel accepts (`sun_path` is 108 bytes with the final NUL).
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from; `None` means there was no file and these are the defaults.
+    pub path: Option<PathBuf>,
+    pub server: ServerConfig,
+    pub env: EnvSource,
+    pub files: FileSource,
+    pub policy: Policy,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub socket: PathBuf,
+    /// Permission bits of the socket file (at most 0o777).
+    pub socket_mode: u32,
+    /// Peers allowed to call `secretd.v1.Admin`.
+    pub admin_uids: Vec<u32>,
+    pub audit_log: AuditTarget,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuditTarget {
+    Stderr,
+    File(PathBuf),
+}
+
+/// Which environment variables of the broker become secrets.
+#[derive(Debug, Clone)]
+pub struct EnvSource {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    include_set: GlobSet,
+    exclude_set: GlobSet,
+}
+
+impl EnvSource {
+    /// Build from glob patterns over variable names (case-sensitive).
+    pub fn new(include: Vec<String>, exclude: Vec<String>) -> Result<EnvSource, globset::Error> {
+        Ok(EnvSource {
+            include_set: env_globs(&include)?,
+            exclude_set: env_globs(&exclude)?,
+            include,
+            exclude,
+        })
+    }
+
+    /// Whether the variable `var_name` is taken as a secret: it matches an include pattern and
+    /// no exclude pattern.
+    pub fn selects(&self, var_name: &str) -> bool {
+        self.include_set.is_match(var_name) && !self.exclude_set.is_match(var_name)
+    }
+}
+
+impl Default for EnvSource {
+    fn default() -> EnvSource {
+        EnvSource::new(
+            vec!["*".to_owned()],
+            DEFAULT_ENV_EXCLUDE
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+        )
+        .expect("the default env patterns are valid globs")
+    }
+}
+
+fn env_glob(pattern: &str) -> Result<globset::Glob, globset::Error> {
+    GlobBuilder::new(pattern).backslash_escape(true).build()
+}
+
+fn env_globs(patterns: &[String]) -> Result<GlobSet, globset::Error> {
+    let mut set = GlobSetBuilder::new();
+    for p in patterns {
+        set.add(env_glob(p)?);
+    }
+    set.build()
+}
+
+/// Directories whose regular files are secrets (one per file, named by the file name).
+#[derive(Debug, Clone, Default)]
+pub struct FileSource {
+    pub dirs: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_streams_per_connection: u32,
+    pub max_request_bytes: usize,
+    pub max_names_per_request: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 1024,
+            max_streams_per_connection: 32,
+            max_request_bytes: 65536,
+            max_names_per_request: 256,
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `tracing_subscriber::EnvFilter` directive string; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> LogConfig {
+        LogConfig {
+            format: LogFormat::Human,
+            level: "info".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (absent, unreadable, not UTF-8).
+    #[error("{}: failed to read: {error}", path.display())]
+    Read { path: PathBuf, error: io::Error },
+    /// The file was read but is not a valid configuration.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+}
+
+impl Config {
+    /// No file: default socket, every environment variable but the default exclude list, no
+    /// file sources, no scopes (every read is denied).
+    pub fn defaults() -> Config {
+        Config {
+            path: None,
+            server: ServerConfig {
+                socket: PathBuf::from(DEFAULT_SOCKET_PATH),
+                socket_mode: DEFAULT_SOCKET_MODE,
+                admin_uids: vec![0],
+                audit_log: AuditTarget::Stderr,
+            },
+            env: EnvSource::default(),
+            files: FileSource::default(),
+            policy: Policy::default(),
+            limits: Limits::default(),
+            log: LogConfig::default(),
+        }
+    }
+
+    /// Parse + validate `text` as if read from `path`; `etc` is where passwd/group live ("/etc").
+    pub fn parse(text: &str, path: &Path, etc: &Path) -> Result<Config, ConfigError> {
+        let doc = Doc { text, path };
+        let tree = toml::de::DeTable::parse(text).map_err(|e| doc.toml_error(&e, None))?;
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let locator = Locator::new(tree.get_ref());
+            doc.toml_error(&e, Some(&locator))
+        })?;
+        raw.validate(&doc, etc)
+    }
+
+    /// Read and parse `path`.
+    pub fn load(path: &Path, etc: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        Config::parse(&text, path, etc)
+    }
+
+    /// `explicit == false` and the file is absent → `defaults()`; explicit and absent → error.
+    pub fn load_or_default(path: &Path, explicit: bool, etc: &Path) -> Result<Config, ConfigError> {
+        match fs::read_to_string(path) {
+            Ok(text) => Config::parse(&text, path, etc),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !explicit => Ok(Config::defaults()),
+            Err(error) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                error,
+            }),
+        }
+    }
+
+    /// Human-readable multi-line summary for `secretd check` and the start-up log.
+    pub fn summary(&self) -> String {
+        let mut out = String::new();
+        let _ = match &self.path {
+            Some(p) => writeln!(out, "config: {}", p.display()),
+            None => writeln!(out, "no config file: built-in defaults"),
+        };
+        let s = &self.server;
+        let _ = writeln!(
+            out,
+            "socket: {} (mode {:04o})",
+            s.socket.display(),
+            s.socket_mode
+        );
+        let _ = if s.admin_uids.is_empty() {
+            writeln!(out, "admin uids: none (the Admin service refuses everyone)")
+        } else {
+            writeln!(out, "admin uids: {}", join(s.admin_uids.iter()))
+        };
+        let _ = match &s.audit_log {
+            AuditTarget::Stderr => writeln!(out, "audit log: stderr"),
+            AuditTarget::File(p) => writeln!(out, "audit log: {}", p.display()),
+        };
+        let _ = writeln!(
+            out,
+            "env source: include {}; exclude {}",
+            quoted(&self.env.include),
+            quoted(&self.env.exclude)
+        );
+        let _ = if self.files.dirs.is_empty() {
+            writeln!(out, "file source: none")
+        } else {
+            writeln!(
+                out,
+                "file source: {}",
+                join(self.files.dirs.iter().map(|d| d.display()))
+            )
+        };
+        let scopes = self.policy.scopes();
+        if scopes.is_empty() {
+            let _ = writeln!(out, "no scopes: every read is denied");
+        } else {
+            let _ = writeln!(out, "scopes: {}", scopes.len());
+        }
+        for scope in scopes {
+            let m = &scope.matcher;
+            let mut matchers = Vec::new();
+            if let Some(uid) = m.uid {
+                matchers.push(format!("uid={uid}"));
+            }
+            if let Some(gid) = m.gid {
+                matchers.push(format!("gid={gid}"));
+            }
+            if let Some(f) = &m.function {
+                matchers.push(format!("function={f:?}"));
+            }
+            if let Some(e) = &m.exe {
+                matchers.push(format!("exe={}", e.display()));
+            }
+            let _ = writeln!(
+                out,
+                "  scope {:?}: {} -> {}",
+                scope.name,
+                matchers.join(" "),
+                quoted(&scope.patterns)
+            );
+        }
+        let l = &self.limits;
+        let _ = writeln!(
+            out,
+            "limits: max_connections={} max_streams_per_connection={} max_request_bytes={} \
+             max_names_per_request={} shutdown_grace={}",
+            l.max_connections,
+            l.max_streams_per_connection,
+            l.max_request_bytes,
+            l.max_names_per_request,
+            humantime::format_duration(l.shutdown_grace)
+        );
+        let _ = writeln!(
+            out,
+            "log: format={} level={:?}",
+            match self.log.format {
+                LogFormat::Human => "human",
+                LogFormat::Json => "json",
+            },
+            self.log.level
+        );
+        out
+    }
+}
+
+fn join<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    items.map(|i| i.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn quoted(items: &[String]) -> String {
+    format!("[{}]", join(items.iter().map(|i| format!("{i:?}"))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage 1: raw structs, exactly the file's shape.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: Option<RawServer>,
+    sources: Option<RawSources>,
+    #[serde(default)]
+    scope: Vec<Spanned<RawScope>>,
+    limits: Option<RawLimits>,
+    log: Option<RawLog>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    socket: Option<Spanned<String>>,
+    socket_mode: Option<Spanned<String>>,
+    admin_uids: Option<Vec<u32>>,
+    audit_log: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSources {
+    env: Option<RawEnv>,
+    files: Option<RawFiles>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEnv {
+    include: Option<Vec<Spanned<String>>>,
+    exclude: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFiles {
+    dirs: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScope {
+    name: Spanned<String>,
+    uid: Option<Spanned<u32>>,
+    gid: Option<Spanned<u32>>,
+    user: Option<Spanned<String>>,
+    group: Option<Spanned<String>>,
+    function: Option<Spanned<String>>,
+    exe: Option<Spanned<String>>,
+    secrets: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<Spanned<usize>>,
+    max_streams_per_connection: Option<Spanned<u32>>,
+    max_request_bytes: Option<Spanned<usize>>,
+    max_names_per_request: Option<Spanned<usize>>,
+    shutdown_grace: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<Spanned<String>>,
+    level: Option<Spanned<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stage 2: validation.
+
+impl RawConfig {
+    fn validate(self, doc: &Doc<'_>, etc: &Path) -> Result<Config, ConfigError> {
+        let mut config = Config::defaults();
+        config.path = Some(doc.path.to_owned());
+
+        if let Some(server) = self.server {
+            let at = "in [server]";
+            if let Some(socket) = server.socket {
+                config.server.socket =
+                    socket_path(socket.get_ref()).map_err(|m| doc.err(&socket, "socket", at, m))?;
+            }
+            if let Some(mode) = server.socket_mode {
+                config.server.socket_mode = socket_mode(mode.get_ref())
+                    .map_err(|m| doc.err(&mode, "socket_mode", at, m))?;
+            }
+            if let Some(uids) = server.admin_uids {
+                config.server.admin_uids = uids;
+            }
+            if let Some(audit) = server.audit_log {
+                config.server.audit_log = match audit.get_ref().as_str() {
+                    "stderr" => AuditTarget::Stderr,
+                    p => AuditTarget::File(absolute_path(p).map_err(|m| {
+                        doc.err(&audit, "audit_log", at, format!("{m} (or \"stderr\")"))
+                    })?),
+                };
+            }
+        }
+
+        let sources = self.sources.unwrap_or(RawSources {
+            env: None,
+            files: None,
+        });
+        if let Some(env) = sources.env {
+            let at = "in [sources.env]";
+            let include = match env.include {
+                Some(list) => env_patterns(doc, list, "include", at)?,
+                None => config.env.include.clone(),
+            };
+            let exclude = match env.exclude {
+                Some(list) => env_patterns(doc, list, "exclude", at)?,
+                None => config.env.exclude.clone(),
+            };
+            config.env =
+                EnvSource::new(include, exclude).expect("patterns were checked one by one");
+        }
+        if let Some(files) = sources.files {
+            for dir in files.dirs.unwrap_or_default() {
+                let p = absolute_path(dir.get_ref())
+                    .map_err(|m| doc.err(&dir, "dirs", "in [sources.files]", m))?;
+                config.files.dirs.push(p);
+            }
+        }
+
+        let mut scopes = Vec::with_capacity(self.scope.len());
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, raw) in self.scope.into_iter().enumerate() {
+            let header = raw.span();
+            let scope = raw
+                .into_inner()
+                .validate(doc, etc, i + 1, header, &mut seen)?;
+            scopes.push(scope);
+        }
+        config.policy = Policy::new(scopes);
+
+        if let Some(limits) = self.limits {
+            let at = "in [limits]";
+            let l = &mut config.limits;
+            if let Some(v) = limits.max_connections {
+                l.max_connections = at_least_one(doc, v, "max_connections", at)?;
+            }
+            if let Some(v) = limits.max_streams_per_connection {
+                l.max_streams_per_connection =
+                    at_least_one(doc, v, "max_streams_per_connection", at)?;
+            }
+            if let Some(v) = limits.max_request_bytes {
+                l.max_request_bytes = at_least_one(doc, v, "max_request_bytes", at)?;
+            }
+            if let Some(v) = limits.max_names_per_request {
+                l.max_names_per_request = at_least_one(doc, v, "max_names_per_request", at)?;
+            }
+            if let Some(v) = limits.shutdown_grace {
+                l.shutdown_grace = humantime::parse_duration(v.get_ref()).map_err(|e| {
+                    doc.err(
+                        &v,
+                        "shutdown_grace",
+                        at,
+                        format!("expected a duration such as \"5s\" or \"500ms\" ({e})"),
+                    )
+                })?;
+            }
+        }
+
+        if let Some(log) = self.log {
+            let at = "in [log]";
+            if let Some(format) = log.format {
+                config.log.format = match format.get_ref().as_str() {
+                    "human" => LogFormat::Human,
+                    "json" => LogFormat::Json,
+                    _ => {
+                        return Err(doc.err(
+                            &format,
+                            "format",
+                            at,
+                            "expected \"human\" or \"json\"",
+                        ));
+                    }
+                };
+            }
+            if let Some(level) = log.level {
+                if let Err(e) = tracing_subscriber::EnvFilter::try_new(level.get_ref()) {
+                    return Err(doc.err(
+                        &level,
+                        "level",
+                        at,
+                        format!("not a log filter such as \"info\" or \"secretd=debug\" ({e})"),
+                    ));
+                }
+                config.log.level = level.into_inner();
+            }
+        }
+        Ok(config)
+    }
+}
+
+impl RawScope {
+    fn validate(
+        self,
+        doc: &Doc<'_>,
+        etc: &Path,
+        number: usize,
+        header: Range<usize>,
+        seen: &mut HashMap<String, usize>,
+    ) -> Result<Scope, ConfigError> {
+        let at = format!("in [[scope]] #{number}");
+        let at = at.as_str();
+
+        let name = self.name.get_ref();
+        if name.trim().is_empty() {
+            return Err(doc.err(&self.name, "name", at, "must not be empty"));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(doc.err(
+                &self.name,
+                "name",
+                at,
+                "must not contain control characters",
+            ));
+        }
+        if let Some(line) = seen.get(name) {
+            return Err(doc.err(
+                &self.name,
+                "name",
+                at,
+                format!("scope {name:?} is already defined on line {line}"),
+            ));
+        }
+        seen.insert(name.clone(), doc.line_col(self.name.span().start).0);
+
+        let mut matcher = Matcher::default();
+        if let Some(uid) = &self.uid {
+            matcher.uid = Some(*uid.get_ref());
+        }
+        if let Some(user) = &self.user {
+            if self.uid.is_some() {
+                return Err(doc.err(user, "user", at, "give `user` or `uid`, not both"));
+            }
+            let found = secretd_accounts::lookup_user(etc, user.get_ref())
+                .map_err(|e| doc.err(user, "user", at, e.to_string()))?;
+            matcher.uid = Some(found.uid);
+        }
+        if let Some(gid) = &self.gid {
+            matcher.gid = Some(*gid.get_ref());
+        }
+        if let Some(group) = &self.group {
+            if self.gid.is_some() {
+                return Err(doc.err(group, "group", at, "give `group` or `gid`, not both"));
+            }
+            let found = secretd_accounts::lookup_group(etc, group.get_ref())
+                .map_err(|e| doc.err(group, "group", at, e.to_string()))?;
+            matcher.gid = Some(found.gid);
+        }
+        if let Some(function) = &self.function {
+            if function.get_ref().trim().is_empty() {
+                return Err(doc.err(function, "function", at, "must not be empty"));
+            }
+            matcher.function = Some(function.get_ref().clone());
+        }
+        if let Some(exe) = &self.exe {
+            matcher.exe = Some(exe_path(exe.get_ref()).map_err(|m| doc.err(exe, "exe", at, m))?);
+        }
+        if matcher.is_empty() {
+            return Err(doc.error_at(
+                header,
+                format!(
+                    "[[scope]] #{number} ({name:?}) has no caller matcher: give at least one of \
+                     uid, gid, user, group, function, exe"
+                ),
+            ));
+        }
+
+        if self.secrets.get_ref().is_empty() {
+            return Err(doc.err(
+                &self.secrets,
+                "secrets",
+                at,
+                "is empty: list at least one name or pattern",
+            ));
+        }
+        let mut patterns = Vec::with_capacity(self.secrets.get_ref().len());
+        for pattern in self.secrets.into_inner() {
+            secret_pattern(pattern.get_ref()).map_err(|m| doc.err(&pattern, "secrets", at, m))?;
+            patterns.push(pattern.into_inner());
+        }
+        Ok(Scope::new(self.name.into_inner(), matcher, patterns)
+            .expect("patterns were checked one by one"))
+    }
+}
+
+fn env_patterns(
+    doc: &Doc<'_>,
+    list: Vec<Spanned<String>>,
+    key: &str,
+    at: &str,
+) -> Result<Vec<String>, ConfigError> {
+    let mut out = Vec::with_capacity(list.len());
+    for p in list {
+        if let Err(e) = env_glob(p.get_ref()) {
+            return Err(doc.err(&p, key, at, format!("invalid pattern: {}", glob_reason(&e))));
+        }
+        out.push(p.into_inner());
+    }
+    Ok(out)
+}
+
+const GLOB_SYNTAX: &str = "*?[]{},!^\\";
+
+/// Check one `secrets` pattern: a valid glob that could match some secret name.
+fn secret_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.is_empty() {
+        return Err("empty pattern".to_owned());
+    }
+    if let Err(e) = secret_glob(pattern) {
+        return Err(format!("invalid pattern {pattern:?}: {}", glob_reason(&e)));
+    }
+    if let Some(c) = pattern
+        .chars()
+        .find(|&c| !(c.is_ascii() && is_name_byte(c as u8) || GLOB_SYNTAX.contains(c)))
+    {
+        return Err(format!(
+            "pattern {pattern:?} can never match: {c:?} cannot appear in a secret name"
+        ));
+    }
+    Ok(())
+}
+
+fn glob_reason(e: &globset::Error) -> String {
+    e.kind().to_string()
+}
+
+fn at_least_one<T>(doc: &Doc<'_>, v: Spanned<T>, key: &str, at: &str) -> Result<T, ConfigError>
+where
+    T: PartialEq + From<u8>,
+{
+    if *v.get_ref() == T::from(0) {
+        return Err(doc.err(&v, key, at, "must be at least 1"));
+    }
+    Ok(v.into_inner())
+}
+
+fn socket_mode(s: &str) -> Result<u32, String> {
+    const WANT: &str =
+        "expected octal permission bits such as \"0666\" or \"0660\", at most \"0777\"";
+    if s.is_empty() || s.len() > 4 || !s.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
+        return Err(WANT.to_owned());
+    }
+    let mode = u32::from_str_radix(s, 8).map_err(|_| WANT.to_owned())?;
+    if mode > 0o777 {
+        return Err(WANT.to_owned());
+    }
+    Ok(mode)
+}
+
+fn absolute_path(s: &str) -> Result<PathBuf, String> {
+    let p = Path::new(s);
+    if !p.is_absolute() {
+        return Err("must be an absolute path".to_owned());
+    }
+    if p.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err("must not contain `..`".to_owned());
+    }
+    Ok(p.to_owned())
+}
+
+fn socket_path(s: &str) -> Result<PathBuf, String> {
+    let p = absolute_path(s)?;
+    if s.len() > MAX_SOCKET_PATH_LEN {
+        return Err(format!(
+            "is {} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH_LEN}",
+            s.len()
+        ));
+    }
+    Ok(p)
+}
+
+/// `exe` is compared with `/proc/<pid>/exe`, which is always absolute, normalised and free of
+/// symlinks: refuse a path that could never be equal to it.
+fn exe_path(s: &str) -> Result<PathBuf, String> {
+    let p = absolute_path(s)?;
+    let normal: PathBuf = p.components().collect();
+    if normal.as_os_str() != p.as_os_str() {
+        return Err(format!(
+            "must be a normalised path (no `.`, `//` or trailing `/`): {}",
+            normal.display()
+        ));
+    }
+    if let Ok(real) = fs::canonicalize(&p)
+        && real != p
+    {
+        return Err(format!(
+            "{} resolves to {}; /proc/<pid>/exe shows the resolved path, so configure that",
+            p.display(),
+            real.display()
+        ));
+    }
+    Ok(p)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Error locations.
+
+/// The text being parsed and where it came from.
+struct Doc<'a> {
+    text: &'a str,
+    path: &'a Path,
+}
+
+impl Doc<'_> {
+    /// 1-based line and column (in characters) of byte `offset`.
+    fn line_col(&self, offset: usize) -> (usize, usize) {
+        let mut offset = offset.min(self.text.len());
+        while !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let before = &self.text[..offset];
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        (
+            before.matches('\n').count() + 1,
+            before[line_start..].chars().count() + 1,
+        )
+    }
+
+    fn error_at(&self, span: Range<usize>, message: String) -> ConfigError {
+        let (line, column) = self.line_col(span.start);
+        ConfigError::Invalid {
+            path: self.path.to_owned(),
+            line,
+            column,
+            message,
+        }
+    }
+
+    /// A semantic error about the value of `key`.
+    fn err<T>(
+        &self,
+        value: &Spanned<T>,
+        key: &str,
+        at: &str,
+        message: impl AsRef<str>,
+    ) -> ConfigError {
+        self.error_at(value.span(), format!("`{key}` {at}: {}", message.as_ref()))
+    }
+
+    /// Turn a toml/serde error into ours, naming the key it is about when `locator` can tell.
+    fn toml_error(&self, e: &toml::de::Error, locator: Option<&Locator>) -> ConfigError {
+        let span = e.span().unwrap_or(0..0);
+        let msg = e.message().trim_end();
+        let found = locator.and_then(|l| l.find(&span));
+        let message = if let Some(rest) = msg.strip_prefix("unknown field ") {
+            let in_ = found.map_or(String::new(), |f| format!(" {}", f.parent));
+            match rest.split_once(", ") {
+                Some((key, expected)) => format!("unknown key {key}{in_}, {expected}"),
+                None => format!("unknown key {rest}{in_}"),
+            }
+        } else if let Some(key) = msg.strip_prefix("missing field ") {
+            match found {
+                Some(f) if f.is_table => format!("missing key {key} in {}", f.label),
+                Some(f) => format!("missing key {key} {}", f.parent),
+                None => format!("missing key {key}"),
+            }
+        } else if msg == "duplicate key" {
+            format!(
+                "duplicate key `{}`",
+                self.text.get(span.clone()).unwrap_or("?")
+            )
+        } else {
+            match found {
+                Some(f) => format!("{}: {msg}", f.label),
+                None => msg.to_owned(),
+            }
+        };
+        self.error_at(span, message.replace('\n', " "))
+    }
+}
+
+/// Where each key and value of the parsed document is, to say which key a serde error is about.
+struct Locator {
+    entries: Vec<Entry>,
+}
+
+struct Entry {
+    key: Option<Range<usize>>,
+    value: Range<usize>,
+    /// How to name this item: "`socket` in [server]", "[server]", "[[scope]] #2".
+    label: String,
+    /// Where it sits: "in [server]", "at the top level".
+    parent: String,
+    is_table: bool,
+}
+
+type DeTable<'i> = toml::de::DeTable<'i>;
+
+impl Locator {
+    fn new(root: &DeTable<'_>) -> Locator {
+        let mut l = Locator {
+            entries: Vec::new(),
+        };
+        l.walk_table(root, "", "at the top level");
+        l
+    }
+
+    fn walk_table(&mut self, table: &DeTable<'_>, path: &str, parent: &str) {
+        for (key, value) in table.iter() {
+            let key_name = key.get_ref().as_ref();
+            let path = if path.is_empty() {
+                key_name.to_owned()
+            } else {
+                format!("{path}.{key_name}")
+            };
+            match value.get_ref() {
+                toml::de::DeValue::Table(t) => {
+                    let label = format!("[{path}]");
+                    self.entries.push(Entry {
+                        key: Some(key.span()),
+                        value: value.span(),
+                        label: label.clone(),
+                        parent: parent.to_owned(),
+                        is_table: true,
+                    });
+                    self.walk_table(t, &path, &format!("in {label}"));
+                }
+                toml::de::DeValue::Array(items) => {
+                    let label = format!("`{key_name}` {parent}");
+                    self.entries.push(Entry {
+                        key: Some(key.span()),
+                        value: value.span(),
+                        label: label.clone(),
+                        parent: parent.to_owned(),
+                        is_table: false,
+                    });
+                    for (i, item) in items.iter().enumerate() {
+                        if let toml::de::DeValue::Table(t) = item.get_ref() {
+                            let label = format!("[[{path}]] #{}", i + 1);
+                            self.entries.push(Entry {
+                                key: None,
+                                value: item.span(),
+                                label: label.clone(),
+                                parent: parent.to_owned(),
+                                is_table: true,
+                            });
+                            self.walk_table(t, &path, &format!("in {label}"));
+                        }
+                    }
+                }
+                _ => self.entries.push(Entry {
+                    key: Some(key.span()),
+                    value: value.span(),
+                    label: format!("`{key_name}` {parent}"),
+                    parent: parent.to_owned(),
+                    is_table: false,
+                }),
+            }
+        }
+    }
+
+    /// The entry whose key is exactly `span`, else whose value is exactly `span`, else the
+    /// smallest value containing it.
+    fn find(&self, span: &Range<usize>) -> Option<&Entry> {
+        if let Some(e) = self.entries.iter().find(|e| e.key.as_ref() == Some(span)) {
+            return Some(e);
+        }
+        // An array of tables and its first table share a span: prefer the later (inner) entry.
+        if let Some(e) = self.entries.iter().rev().find(|e| &e.value == span) {
+            return Some(e);
+        }
+        self.entries
+            .iter()
+            .filter(|e| e.value.start <= span.start && span.end <= e.value.end)
+            .min_by_key(|e| e.value.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH: &str = "/etc/secretd/secretd.toml";
+
+    fn etc() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(
+            dir.path().join("passwd"),
+            "root:x:0:0:root:/root:/bin/sh\norders:x:1001:1001::/home/orders:/bin/sh\n",
+        )
+        .unwrap();
+        fs::write(
+            dir.path().join("group"),
+            "root:x:0:\nfunctions:x:500:orders\n",
+        )
+        .unwrap();
+        dir
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let etc = etc();
+        Config::parse(text, Path::new(PATH), etc.path()).map_err(|e| {
+            // Make messages that name the temporary etc directory comparable.
+            match e {
+                ConfigError::Invalid {
+                    path,
+                    line,
+                    column,
+                    message,
+                } => ConfigError::Invalid {
+                    path,
+                    line,
+                    column,
+                    message: message.replace(&etc.path().display().to_string(), "ETC"),
+                },
+                e => e,
+            }
+        })
+    }
+
+    #[test]
+    fn errors_name_file_line_column_and_key() {
+        #[rustfmt::skip]
+        let cases: &[(&str, &str)] = &[
+            ("[server]\nsocket = \"/x\"\ncolour = 1\n",
+             "3:1: unknown key `colour` in [server], expected one of `socket`, `socket_mode`, `admin_uids`, `audit_log`"),
+            ("colour = 1\n",
+             "1:1: unknown key `colour` at the top level, expected one of `server`, `sources`, `scope`, `limits`, `log`"),
+            ("[server]\nsocket = 5\n",
+             "2:10: `socket` in [server]: invalid type: integer `5`, expected a string"),
+            ("[server]\nadmin_uids = [0, -1]\n",
+             "2:18: `admin_uids` in [server]: invalid value: integer `-1`, expected u32"),
+            ("[server]\nsocket = \"relative.sock\"\n",
+             "2:10: `socket` in [server]: must be an absolute path"),
+            (&format!("[server]\nsocket = \"/{}\"\n", "s".repeat(107)),
+             "2:10: `socket` in [server]: is 108 bytes long; a Unix socket path holds at most 107"),
+            ("[server]\nsocket_mode = \"0999\"\n",
+             "2:15: `socket_mode` in [server]: expected octal permission bits such as \"0666\" or \"0660\", at most \"0777\""),
+            ("[server]\nsocket_mode = \"01777\"\n",
+             "2:15: `socket_mode` in [server]: expected octal permission bits such as \"0666\" or \"0660\", at most \"0777\""),
+            ("[server]\nsocket_mode = 438\n",
+             "2:15: `socket_mode` in [server]: invalid type: integer `438`, expected a string"),
+            ("[server]\naudit_log = \"audit.jsonl\"\n",
+             "2:13: `audit_log` in [server]: must be an absolute path (or \"stderr\")"),
+            ("[server\n",
+             "1:8: unclosed table, expected `]`"),
+            ("[server]\nsocket = \"/a\"\nsocket = \"/b\"\n",
+             "3:1: duplicate key `socket`"),
+            ("[sources.openbao]\naddress = \"https://x\"\n",
+             "1:10: unknown key `openbao` in [sources], expected `env` or `files`"),
+            ("[sources.env]\ninclude = [\"A\"]\nbogus = 1\n",
+             "3:1: unknown key `bogus` in [sources.env], expected `include` or `exclude`"),
+            ("[sources]\nenv = { include = [\"é\"], bogus = 1 }\n",
+             "2:26: unknown key `bogus` in [sources.env], expected `include` or `exclude`"),
+            ("sources.env.bogus = 1\n",
+             "1:13: unknown key `bogus` in [sources.env], expected `include` or `exclude`"),
+            ("[sources.env]\nexclude = [\"PATH\", \"a[\"]\n",
+             "2:20: `exclude` in [sources.env]: invalid pattern: unclosed character class; missing ']'"),
+            ("[sources.files]\ndirs = [\"run/secrets\"]\n",
+             "2:9: `dirs` in [sources.files]: must be an absolute path"),
+            ("[sources.files]\ndirs = [\"/run/../etc\"]\n",
+             "2:9: `dirs` in [sources.files]: must not contain `..`"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\n",
+             "1:1: missing key `secrets` in [[scope]] #1"),
+            ("[[scope]]\nuid = 1\nsecrets = [\"A\"]\n",
+             "1:1: missing key `name` in [[scope]] #1"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"A\"]\n\n[[scope]]\nname = \"b\"\nsecrets = [\"A\"]\n",
+             "6:1: [[scope]] #2 (\"b\") has no caller matcher: give at least one of uid, gid, user, group, function, exe"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"A\"]\ncolor = 2\n",
+             "5:1: unknown key `color` in [[scope]] #1, expected one of `name`, `uid`, `gid`, `user`, `group`, `function`, `exe`, `secrets`"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"A\"]\n[[scope]]\nname = \"a\"\nuid = 2\nsecrets = [\"B\"]\n",
+             "6:8: `name` in [[scope]] #2: scope \"a\" is already defined on line 2"),
+            ("[[scope]]\nname = \"\"\nuid = 1\nsecrets = [\"A\"]\n",
+             "2:8: `name` in [[scope]] #1: must not be empty"),
+            ("[[scope]]\nname = \"a\\nb\"\nuid = 1\nsecrets = [\"A\"]\n",
+             "2:8: `name` in [[scope]] #1: must not contain control characters"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nuser = \"orders\"\nsecrets = [\"A\"]\n",
+             "4:8: `user` in [[scope]] #1: give `user` or `uid`, not both"),
+            ("[[scope]]\nname = \"a\"\ngid = 1\ngroup = \"functions\"\nsecrets = [\"A\"]\n",
+             "4:9: `group` in [[scope]] #1: give `group` or `gid`, not both"),
+            ("[[scope]]\nname = \"a\"\nuser = \"ordrs\"\nsecrets = [\"A\"]\n",
+             "3:8: `user` in [[scope]] #1: no user named \"ordrs\" in ETC/passwd"),
+            ("[[scope]]\nname = \"a\"\ngroup = \"nope\"\nsecrets = [\"A\"]\n",
+             "3:9: `group` in [[scope]] #1: no group named \"nope\" in ETC/group"),
+            ("[[scope]]\nname = \"a\"\nexe = \"python3\"\nsecrets = [\"A\"]\n",
+             "3:7: `exe` in [[scope]] #1: must be an absolute path"),
+            ("[[scope]]\nname = \"a\"\nexe = \"/usr/bin/./python3\"\nsecrets = [\"A\"]\n",
+             "3:7: `exe` in [[scope]] #1: must be a normalised path (no `.`, `//` or trailing `/`): /usr/bin/python3"),
+            ("[[scope]]\nname = \"a\"\nfunction = \"\"\nsecrets = [\"A\"]\n",
+             "3:12: `function` in [[scope]] #1: must not be empty"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = []\n",
+             "4:11: `secrets` in [[scope]] #1: is empty: list at least one name or pattern"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"A\", \"b[\"]\n",
+             "4:17: `secrets` in [[scope]] #1: invalid pattern \"b[\": unclosed character class; missing ']'"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"ORDERS DB\"]\n",
+             "4:12: `secrets` in [[scope]] #1: pattern \"ORDERS DB\" can never match: ' ' cannot appear in a secret name"),
+            ("[[scope]]\nname = \"é\"\nuid = \"1001\"\nsecrets = [\"A\"]\n",
+             "3:7: `uid` in [[scope]] #1: invalid type: string \"1001\", expected u32"),
+            ("[limits]\nmax_connections = 0\n",
+             "2:19: `max_connections` in [limits]: must be at least 1"),
+            ("[limits]\nmax_streams_per_connection = 0\n",
+             "2:30: `max_streams_per_connection` in [limits]: must be at least 1"),
+            ("[limits]\nshutdown_grace = \"soon\"\n",
+             "2:18: `shutdown_grace` in [limits]: expected a duration such as \"5s\" or \"500ms\" (expected number at 0)"),
+            ("[limits]\nshutdown_grace = 5\n",
+             "2:18: `shutdown_grace` in [limits]: invalid type: integer `5`, expected a string"),
+            ("[log]\nformat = \"xml\"\n",
+             "2:10: `format` in [log]: expected \"human\" or \"json\""),
+            ("[log]\nlevel = \"info\"\nfile = \"/x\"\n",
+             "3:1: unknown key `file` in [log], expected `format` or `level`"),
+        ];
+        for (text, want) in cases {
+            let got = match parse(text) {
+                Ok(_) => panic!("accepted:\n{text}"),
+                Err(e) => e.to_string(),
+            };
+            assert_eq!(got, format!("{PATH}:{want}"), "config:\n{text}");
+        }
+    }
+
+    #[test]
+    fn column_counts_characters() {
+        let err = parse("[server]\nsocket = \"/é\" \nadmin_uids = 1\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{PATH}:3:14: `admin_uids` in [server]: invalid type: integer `1`, expected a sequence"
+            )
+        );
+        let err = parse("[sources]\nfiles = { dirs = [\"/é\", \"x\"] }\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("{PATH}:2:25: `dirs` in [sources.files]: must be an absolute path")
+        );
+    }
+
+    const FULL: &str = r#"
+[server]
+socket = "/run/secretd/s.sock"
+socket_mode = "0660"
+admin_uids = [0, 990]
+audit_log = "/var/log/secretd/audit.jsonl"
+
+[sources.env]
+include = ["APP_*", "DB_*"]
+exclude = ["DB_DEBUG"]
+
+[sources.files]
+dirs = ["/run/secrets", "/run/credentials/secretd"]
+
+[[scope]]
+name = "orders"
+user = "orders"
+secrets = ["ORDERS_DB", "SHARED_*"]
+
+[[scope]]
+name = "functions"
+group = "functions"
+function = "billing"
+exe = "/opt/app/bin/worker"
+secrets = ["apps/billing/**"]
+
+[[scope]]
+name = "numeric"
+uid = 2000
+gid = 2000
+secrets = ["X"]
+
+[limits]
+max_connections = 10
+max_streams_per_connection = 4
+max_request_bytes = 4096
+max_names_per_request = 16
+shutdown_grace = "1500ms"
+
+[log]
+format = "json"
+level = "secretd=debug,info"
+"#;
+
+    #[test]
+    fn full_config() {
+        let c = parse(FULL).unwrap();
+        assert_eq!(c.path.as_deref(), Some(Path::new(PATH)));
+        assert_eq!(c.server.socket, Path::new("/run/secretd/s.sock"));
+        assert_eq!(c.server.socket_mode, 0o660);
+        assert_eq!(c.server.admin_uids, [0, 990]);
+        assert_eq!(
+            c.server.audit_log,
+            AuditTarget::File("/var/log/secretd/audit.jsonl".into())
+        );
+        assert!(c.env.selects("APP_KEY") && c.env.selects("DB_URL"));
+        assert!(!c.env.selects("DB_DEBUG") && !c.env.selects("OTHER"));
+        assert_eq!(
+            c.files.dirs,
+            [
+                PathBuf::from("/run/secrets"),
+                PathBuf::from("/run/credentials/secretd")
+            ]
+        );
+        let scopes = c.policy.scopes();
+        assert_eq!(scopes.len(), 3);
+        assert_eq!(scopes[0].name, "orders");
+        assert_eq!(
+            scopes[0].matcher,
+            Matcher {
+                uid: Some(1001),
+                ..Matcher::default()
+            }
+        );
+        assert_eq!(scopes[0].patterns, ["ORDERS_DB", "SHARED_*"]);
+        assert_eq!(
+            scopes[1].matcher,
+            Matcher {
+                gid: Some(500),
+                function: Some("billing".into()),
+                exe: Some("/opt/app/bin/worker".into()),
+                ..Matcher::default()
+            }
+        );
+        assert_eq!(
+            scopes[2].matcher,
+            Matcher {
+                uid: Some(2000),
+                gid: Some(2000),
+                ..Matcher::default()
+            }
+        );
+        assert_eq!(c.limits.max_connections, 10);
+        assert_eq!(c.limits.max_streams_per_connection, 4);
+        assert_eq!(c.limits.max_request_bytes, 4096);
+        assert_eq!(c.limits.max_names_per_request, 16);
+        assert_eq!(c.limits.shutdown_grace, Duration::from_millis(1500));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert_eq!(c.log.level, "secretd=debug,info");
+
+        assert_eq!(
+            c.summary(),
+            "config: /etc/secretd/secretd.toml
+socket: /run/secretd/s.sock (mode 0660)
+admin uids: 0, 990
+audit log: /var/log/secretd/audit.jsonl
+env source: include [\"APP_*\", \"DB_*\"]; exclude [\"DB_DEBUG\"]
+file source: /run/secrets, /run/credentials/secretd
+scopes: 3
+  scope \"orders\": uid=1001 -> [\"ORDERS_DB\", \"SHARED_*\"]
+  scope \"functions\": gid=500 function=\"billing\" exe=/opt/app/bin/worker -> [\"apps/billing/**\"]
+  scope \"numeric\": uid=2000 gid=2000 -> [\"X\"]
+limits: max_connections=10 max_streams_per_connection=4 max_request_bytes=4096 max_names_per_request=16 shutdown_grace=1s 500ms
+log: format=json level=\"secretd=debug,info\"
+"
+        );
+    }
+
+    #[test]
+    fn empty_file_and_defaults() {
+        for c in [parse("").unwrap(), Config::defaults()] {
+            assert_eq!(c.server.socket, Path::new(DEFAULT_SOCKET_PATH));
+            assert_eq!(c.server.socket_mode, 0o666);
+            assert_eq!(c.server.admin_uids, [0]);
+            assert_eq!(c.server.audit_log, AuditTarget::Stderr);
+            assert_eq!(c.env.include, ["*"]);
+            assert_eq!(c.env.exclude, DEFAULT_ENV_EXCLUDE);
+            assert!(c.files.dirs.is_empty());
+            assert!(c.policy.scopes().is_empty());
+            assert_eq!(c.limits.max_connections, 1024);
+            assert_eq!(c.limits.max_streams_per_connection, 32);
+            assert_eq!(c.limits.max_request_bytes, 65536);
+            assert_eq!(c.limits.max_names_per_request, 256);
+            assert_eq!(c.limits.shutdown_grace, Duration::from_secs(5));
+            assert_eq!(c.log.format, LogFormat::Human);
+            assert_eq!(c.log.level, "info");
+        }
+        assert_eq!(
+            Config::defaults().summary(),
+            "no config file: built-in defaults
+socket: /run/secretd/secretd.sock (mode 0666)
+admin uids: 0
+audit log: stderr
+env source: include [\"*\"]; exclude [\"PATH\", \"HOME\", \"HOSTNAME\", \"LANG\", \"LC_*\", \"TERM\", \"TZ\", \"PWD\", \"SHLVL\", \"RUST_LOG\"]
+file source: none
+no scopes: every read is denied
+limits: max_connections=1024 max_streams_per_connection=32 max_request_bytes=65536 max_names_per_request=256 shutdown_grace=5s
+log: format=human level=\"info\"
+"
+        );
+    }
+
+    #[test]
+    fn env_selection() {
+        let env = EnvSource::default();
+        #[rustfmt::skip]
+        let rows = [
+            ("ORDERS_DB", true), ("PATH", false), ("HOME", false), ("LC_ALL", false),
+            ("LC", true), ("RUST_LOG", false), ("path", true), ("TERM", false), ("TERMINAL", true),
+        ];
+        for (var, want) in rows {
+            assert_eq!(env.selects(var), want, "{var}");
+        }
+        // `include` alone keeps the default exclude list; `exclude` replaces it.
+        let c = parse("[sources.env]\ninclude = [\"P*\"]\n").unwrap();
+        assert!(c.env.selects("PGPASS") && !c.env.selects("PATH") && !c.env.selects("X"));
+        let c = parse("[sources.env]\nexclude = []\n").unwrap();
+        assert!(c.env.selects("PATH"));
+    }
+
+    #[test]
+    fn exe_must_be_the_resolved_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let dir = fs::canonicalize(dir.path()).unwrap();
+        let real = dir.join("python3.11");
+        fs::write(&real, "").unwrap();
+        let link = dir.join("python3");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let text = |exe: &Path| {
+            format!(
+                "[[scope]]\nname = \"py\"\nexe = \"{}\"\nsecrets = [\"A\"]\n",
+                exe.display()
+            )
+        };
+        let c = parse(&text(&real)).unwrap();
+        assert_eq!(
+            c.policy.scopes()[0].matcher.exe.as_deref(),
+            Some(real.as_path())
+        );
+        assert_eq!(
+            parse(&text(&link)).unwrap_err().to_string(),
+            format!(
+                "{PATH}:3:7: `exe` in [[scope]] #1: {} resolves to {}; /proc/<pid>/exe shows the resolved path, so configure that",
+                link.display(),
+                real.display()
+            )
+        );
+        // A path that does not exist (yet) is taken as given.
+        assert!(parse(&text(&dir.join("later"))).is_ok());
+    }
+
+    #[test]
+    fn numeric_user_and_group_need_no_entry() {
+        let c = parse(
+            "[[scope]]\nname = \"n\"\nuser = \"4242\"\ngroup = \"4343\"\nsecrets = [\"A\"]\n",
+        )
+        .unwrap();
+        let m = &c.policy.scopes()[0].matcher;
+        assert_eq!((m.uid, m.gid), (Some(4242), Some(4343)));
+    }
+
+    #[test]
+    fn loading_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = etc();
+        let missing = dir.path().join("missing.toml");
+
+        let c = Config::load_or_default(&missing, false, etc.path()).unwrap();
+        assert!(c.path.is_none());
+        assert_eq!(
+            Config::load_or_default(&missing, true, etc.path())
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "{}: failed to read: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+        assert_eq!(
+            Config::load(&missing, etc.path()).unwrap_err().to_string(),
+            format!(
+                "{}: failed to read: No such file or directory (os error 2)",
+                missing.display()
+            )
+        );
+
+        let file = dir.path().join("secretd.toml");
+        fs::write(&file, "[server]\nsocket_mode = \"0600\"\n").unwrap();
+        for c in [
+            Config::load(&file, etc.path()).unwrap(),
+            Config::load_or_default(&file, false, etc.path()).unwrap(),
+            Config::load_or_default(&file, true, etc.path()).unwrap(),
+        ] {
+            assert_eq!(c.path.as_deref(), Some(file.as_path()));
+            assert_eq!(c.server.socket_mode, 0o600);
+        }
+
+        fs::write(&file, "[server]\nbad = 1\n").unwrap();
+        assert_eq!(
+            Config::load_or_default(&file, false, etc.path())
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "{}:2:1: unknown key `bad` in [server], expected one of `socket`, `socket_mode`, `admin_uids`, `audit_log`",
+                file.display()
+            )
+        );
+
+        fs::write(&file, b"\xff\xfe").unwrap();
+        assert_eq!(
+            Config::load(&file, etc.path()).unwrap_err().to_string(),
+            format!(
+                "{}: failed to read: stream did not contain valid UTF-8",
+                file.display()
+            )
+        );
+    }
+}
