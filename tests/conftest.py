@@ -1,0 +1,108 @@
+"""Fixtures for the end-to-end suite; see tests/README.md for what each test proves."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+
+import pytest
+from harness import (
+    DEFAULT_SCOPES,
+    Binaries,
+    Broker,
+    HostSecrets,
+    Launcher,
+    Processes,
+    Sandbox,
+    Scope,
+    StagedLib,
+    broker_config,
+    client_source_dir,
+    find_bin_dir,
+)
+
+BrokerFactory = Callable[..., Broker]
+
+
+def _missing(what: str) -> None:
+    # In CI a missing build is a failure, not a skip: `make test` builds before it tests.
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI must build before testing)")
+    pytest.skip(what)
+
+
+@pytest.fixture(scope="session")
+def bins() -> Binaries:
+    directory = find_bin_dir()
+    if directory is None:
+        _missing("secretd/secretd-shim not built: run `make build` or set SECRETD_BIN_DIR")
+    assert directory is not None
+    return Binaries(secretd=directory / "secretd", shim=directory / "secretd-shim")
+
+
+@pytest.fixture(scope="session")
+def staged() -> Iterator[StagedLib]:
+    try:
+        client_source_dir()
+    except RuntimeError:
+        _missing("the secretd Python client is not available (client-py/src/secretd)")
+    lib = StagedLib.create()
+    yield lib
+    lib.remove()
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    box = Sandbox.create()
+    yield box
+    box.remove()
+
+
+@pytest.fixture
+def processes(sandbox: Sandbox) -> Iterator[Processes]:
+    # Depends on sandbox so that every process is gone before its files are removed.
+    procs = Processes()
+    yield procs
+    procs.cleanup()
+
+
+@pytest.fixture
+def host_secrets() -> HostSecrets:
+    return HostSecrets.generate()
+
+
+@pytest.fixture
+def make_broker(
+    bins: Binaries, sandbox: Sandbox, processes: Processes, host_secrets: HostSecrets
+) -> Iterator[BrokerFactory]:
+    started: list[Broker] = []
+
+    def make(scopes: Sequence[Scope] = DEFAULT_SCOPES, admin_uids: Sequence[int] = (0,)) -> Broker:
+        sandbox.run_dir.mkdir(mode=0o755, exist_ok=True)
+        sandbox.run_dir.chmod(0o755)
+        sandbox.config.write_text(broker_config(sandbox, scopes, admin_uids))
+        broker = Broker(bins, sandbox, processes, host_secrets.host_environment())
+        broker.start()
+        started.append(broker)
+        return broker
+
+    yield make
+    for broker in started:
+        if broker.proc is not None and broker.proc.poll() is None:
+            broker.stop()
+
+
+@pytest.fixture
+def broker(make_broker: BrokerFactory) -> Broker:
+    return make_broker()
+
+
+@pytest.fixture
+def launcher(
+    bins: Binaries,
+    sandbox: Sandbox,
+    staged: StagedLib,
+    processes: Processes,
+    host_secrets: HostSecrets,
+) -> Launcher:
+    return Launcher(bins, sandbox, staged, processes, host_secrets.host_environment())

@@ -1,0 +1,116 @@
+"""A function worker for the end-to-end suite, driven one JSON line at a time.
+
+Runs on the system interpreter as an unprivileged uid, from a staged world-readable copy of
+the client (this file sits beside ``secretd/``, so no PYTHONPATH is needed and the environment
+stays exactly what the shim built). Replies never carry a value: only its SHA-256 and length,
+which is all the tests need to prove the right secret arrived.
+
+Ops: get, get_many, list, whoami, spawn (start a child running this same program), child
+(forward one op to it), exit. ``--child`` marks the spawned copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+import secretd
+
+
+class Child:
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-s", "-E", os.path.abspath(__file__), "--child"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self.hello = self.read()
+
+    def read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise EOFError("child closed its stdout")
+        reply: dict[str, Any] = json.loads(line)
+        return reply
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+
+def digest(value: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(value).hexdigest(), "len": len(value)}
+
+
+class Worker:
+    def __init__(self) -> None:
+        self._client: secretd.Client | None = None
+        self.child: Child | None = None
+
+    @property
+    def client(self) -> secretd.Client:
+        # One client for the worker's life: a broker restart must be survived by the same one.
+        if self._client is None:
+            self._client = secretd.Client()
+        return self._client
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        op = message["op"]
+        if op == "get":
+            return {"ok": True, **digest(self.client.get_bytes(message["name"]))}
+        if op == "get_str":
+            return {"ok": True, **digest(self.client.get(message["name"]).encode())}
+        if op == "get_many":
+            values = self.client.get_many(message["names"])
+            return {"ok": True, "values": {k: digest(v.encode()) for k, v in values.items()}}
+        if op == "list":
+            return {"ok": True, "names": list(self.client.list())}
+        if op == "whoami":
+            me = self.client.whoami()
+            return {
+                "ok": True,
+                "pid": getattr(me, "pid", None),
+                "uid": getattr(me, "uid", None),
+                "gid": getattr(me, "gid", None),
+                "function": getattr(me, "function", None),
+                "scopes": list(getattr(me, "scopes", [])),
+            }
+        if op == "spawn":
+            if self.child is None:
+                self.child = Child()
+            return {"ok": True, "pid": self.child.proc.pid}
+        if op == "child":
+            if self.child is None:
+                return {"ok": False, "error": "NoChild", "message": "spawn first"}
+            return self.child.request(message["message"])
+        raise ValueError(f"unknown op {op!r}")
+
+    def serve(self) -> None:
+        hello = {"op": "hello", "pid": os.getpid(), "uid": os.getuid(), "gid": os.getgid()}
+        print(json.dumps(hello), flush=True)
+        for line in sys.stdin:
+            message = json.loads(line)
+            if message["op"] == "exit":
+                if self.child is not None:
+                    self.child.request({"op": "exit"})
+                    self.child.proc.wait()
+                print(json.dumps({"ok": True}), flush=True)
+                return
+            try:
+                reply = self.handle(message)
+            except secretd.SecretdError as exc:
+                reply = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+            except Exception as exc:  # reported to the test, which fails with it
+                reply = {"ok": False, "error": type(exc).__name__, "message": repr(exc)}
+            print(json.dumps(reply), flush=True)
+
+
+if __name__ == "__main__":
+    Worker().serve()
