@@ -3,3 +3,4 @@
 pub mod config;
 pub mod name;
 pub mod policy;
+pub mod procfs;
