@@ -76,6 +76,8 @@ def test_worker_gets_its_scope_and_nothing_else(
     # In scope but absent is NOT_FOUND; a malformed name is INVALID_ARGUMENT.
     assert worker.get("ORDERS_MISSING")["error"] == "NotFound"
     assert worker.get("../ORDERS_DB")["error"] == "InvalidName"
+    # The broker refuses it too when a client sends it anyway.
+    assert worker.request({"op": "raw_get", "name": "../ORDERS_DB"})["code"] == "INVALID_ARGUMENT"
     # All or nothing: one out-of-scope name fails the whole call.
     assert worker.get_many(["ORDERS_DB", "BILLING_KEY"])["error"] == "PermissionDenied"
     many = worker.get_many(["ORDERS_DB", "SHARED_CACHE_URL"])

@@ -5,8 +5,9 @@ the client (this file sits beside ``secretd/``, so no PYTHONPATH is needed and t
 stays exactly what the shim built). Replies never carry a value: only its SHA-256 and length,
 which is all the tests need to prove the right secret arrived.
 
-Ops: get, get_many, list, whoami, spawn (start a child running this same program), child
-(forward one op to it), exit. ``--child`` marks the spawned copy.
+Ops: get, get_str, get_many, list, whoami, raw_get (bypasses the client), spawn (start a
+child running this same program), child (forward one op to it), exit. ``--child`` marks
+the spawned copy.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import subprocess
 import sys
 from typing import Any
 
+import grpc
+
 import secretd
+from secretd._proto import secretd_pb2 as pb
+from secretd._proto import secretd_pb2_grpc as pb_grpc
 
 
 class Child:
@@ -49,6 +54,25 @@ def digest(value: bytes) -> dict[str, Any]:
     return {"sha256": hashlib.sha256(value).hexdigest(), "len": len(value)}
 
 
+def raw_get(name: str) -> dict[str, Any]:
+    """GetSecret on the generated stub, bypassing the client's own name check.
+
+    Shows what the *broker* answers to a name the client would refuse to send.
+    """
+    channel = grpc.insecure_channel(
+        f"unix://{os.environ['SECRETD_SOCKET']}",
+        options=[("grpc.default_authority", "localhost")],
+    )
+    with channel:
+        stub = pb_grpc.SecretsStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            secret = stub.GetSecret(pb.GetSecretRequest(name=name), timeout=10.0)
+        except grpc.RpcError as err:
+            code: Any = getattr(err, "code", lambda: None)()
+            return {"ok": False, "code": getattr(code, "name", "UNKNOWN")}
+    return {"ok": True, **digest(secret.value)}
+
+
 class Worker:
     def __init__(self) -> None:
         self._client: secretd.Client | None = None
@@ -76,12 +100,14 @@ class Worker:
             me = self.client.whoami()
             return {
                 "ok": True,
-                "pid": getattr(me, "pid", None),
-                "uid": getattr(me, "uid", None),
-                "gid": getattr(me, "gid", None),
-                "function": getattr(me, "function", None),
-                "scopes": list(getattr(me, "scopes", [])),
+                "pid": me.pid,
+                "uid": me.uid,
+                "gid": me.gid,
+                "function": me.function or "",
+                "scopes": list(me.scopes),
             }
+        if op == "raw_get":
+            return raw_get(message["name"])
         if op == "spawn":
             if self.child is None:
                 self.child = Child()
