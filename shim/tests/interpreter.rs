@@ -1,0 +1,188 @@
+//! Interpreter mode: the shim copied under another name (as it would be installed as
+//! `/usr/bin/python3`) runs `[program.<name>]` of its config with the original arguments.
+
+mod common;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use common::*;
+
+/// A world-readable temp dir holding the shim as `python3` (and `ruby`) and `shim.toml`.
+struct Install {
+    dir: tempfile::TempDir,
+}
+
+impl Install {
+    fn new(config: &str) -> Install {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for name in ["python3", "ruby"] {
+            std::fs::copy(shim_path(), dir.path().join(name)).unwrap();
+        }
+        let install = Install { dir };
+        std::fs::write(install.config(), config).unwrap();
+        install
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn config(&self) -> PathBuf {
+        self.path("shim.toml")
+    }
+
+    /// Runs the installed `name` with SECRETD_SHIM_CONFIG pointing at the temp config.
+    fn command(&self, name: &str) -> Command {
+        let mut cmd = command(self.path(name));
+        cmd.env("SECRETD_SHIM_CONFIG", self.config());
+        cmd
+    }
+}
+
+const CONFIG: &str = r#"
+[program.python3]
+exec = "/bin/sh"
+user = "nobody"
+keep = ["LANG", "ABSENT"]
+set = { PYTHONUNBUFFERED = "1" }
+socket = "/run/test/secretd.sock"
+"#;
+
+/// Prints the program's argv (NUL-separated args shown space-separated), uid and environment.
+const PROBE: &str = r#"tr '\0' ' ' </proc/$$/cmdline; echo; id -u; env | sort"#;
+
+#[test]
+fn runs_the_configured_program_with_the_original_arguments() {
+    if !root_or_skip("runs_the_configured_program_with_the_original_arguments") {
+        return;
+    }
+    let install = Install::new(CONFIG);
+    let out = run(install
+        .command("python3")
+        .args(["-c", PROBE, "name", "arg1"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = stdout(&out);
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        format!("/bin/sh -c {PROBE} name arg1 ").replace('\n', " "),
+        "argv[0] is the configured exec, then the original arguments"
+    );
+    assert_eq!(lines.next().unwrap(), "65534");
+    let env: Vec<&str> = lines.collect();
+    // `env | sort` also shows PWD, which sh itself exports; the initial block is checked by
+    // the /proc/<pid>/environ test of the normal mode.
+    let env: Vec<&str> = env.into_iter().filter(|l| !l.starts_with("PWD=")).collect();
+    assert_eq!(
+        env,
+        [
+            "LANG=C.UTF-8",
+            &format!("PATH={SAFE_PATH}"),
+            "PYTHONUNBUFFERED=1",
+            "SECRETD_SOCKET=/run/test/secretd.sock"
+        ]
+    );
+    assert_no_secret(&text);
+    assert!(!text.contains("SECRETD_SHIM_CONFIG"));
+}
+
+#[test]
+fn config_flag_runs_a_section_like_interpreter_mode() {
+    if !root_or_skip("config_flag_runs_a_section_like_interpreter_mode") {
+        return;
+    }
+    let install = Install::new(CONFIG);
+    let out = run(shim().arg("--config").arg(install.config()).args([
+        "--",
+        "python3",
+        "-c",
+        "id -u; echo $0",
+        "zero",
+    ]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "65534\nzero\n");
+}
+
+#[test]
+fn config_errors_are_125_and_name_the_cause() {
+    // These fail before any privileged step, so they run unprivileged too.
+    let install = Install::new(CONFIG);
+    let config = install.config().display().to_string();
+
+    let out = run(install.command("ruby").arg("-e").arg("puts 1"));
+    assert_shim_error(
+        &out,
+        125,
+        &format!("{config} has no [program.ruby] section (this binary was invoked as \"ruby\")"),
+    );
+
+    std::fs::write(
+        install.config(),
+        "[program.python3]\nexec = \"/bin/sh\"\nuser = \"nobody\"\nenvironment = []\n",
+    )
+    .unwrap();
+    let out = run(install.command("python3"));
+    assert_shim_error(
+        &out,
+        125,
+        &format!("{config}:4:1: unknown field `environment`, expected one of"),
+    );
+
+    std::fs::remove_file(install.config()).unwrap();
+    let out = run(install.command("python3"));
+    assert_shim_error(
+        &out,
+        125,
+        &format!("cannot read {config}: No such file or directory"),
+    );
+
+    // The default config path is used when SECRETD_SHIM_CONFIG is unset (absent here).
+    if !Path::new("/etc/secretd/shim.toml").exists() {
+        let out = run(command(install.path("python3")).arg("-V"));
+        assert_shim_error(
+            &out,
+            125,
+            "cannot read /etc/secretd/shim.toml: No such file or directory",
+        );
+    }
+}
+
+#[test]
+fn an_exec_pointing_at_the_shim_is_refused() {
+    let install = Install::new("");
+    let me = install.path("python3");
+    std::fs::write(
+        install.config(),
+        format!(
+            "[program.python3]\nexec = {:?}\nuser = \"nobody\"\n",
+            me.display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = run(install.command("python3"));
+    assert_shim_error(
+        &out,
+        125,
+        &format!(
+            "{} [program.python3]: exec {} is this shim itself",
+            install.config().display(),
+            me.display()
+        ),
+    );
+}
+
+#[test]
+fn root_is_refused_in_interpreter_mode_too() {
+    if !root_or_skip("root_is_refused_in_interpreter_mode_too") {
+        return;
+    }
+    let install = Install::new("[program.python3]\nexec = \"/bin/true\"\n");
+    let out = run(install.command("python3"));
+    assert_shim_error(&out, 125, "refusing to run /bin/true as root (uid 0)");
+    assert!(stderr(&out).contains("`allow_root` in "));
+}
