@@ -15,7 +15,7 @@ from __future__ import annotations
 import builtins
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 
 from . import aio
 from ._common import DEFAULT_SOCKET, Identity, Retry
@@ -97,6 +97,6 @@ def whoami() -> Identity:
     return _default().whoami()
 
 
-def watch(name: str) -> Iterator[str]:
+def watch(name: str) -> Generator[str, None, None]:
     """The current value of `name`, then each rotation (`secretd.Client.watch`)."""
     return _default().watch(name)

@@ -14,7 +14,7 @@ import asyncio
 import builtins
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable
 from types import TracebackType
 from typing import Callable, Protocol, TypeVar
 
@@ -163,12 +163,12 @@ class Client:
             exe=r.exe,
         )
 
-    async def watch(self, name: str) -> AsyncIterator[str]:
+    async def watch(self, name: str) -> AsyncGenerator[str, None]:
         """The current value of `name`, then each rotation, as text (see `secretd.Client.watch`)."""
         async for value in self.watch_bytes(name):
             yield decode(name, value)
 
-    async def watch_bytes(self, name: str) -> AsyncIterator[bytes]:
+    async def watch_bytes(self, name: str) -> AsyncGenerator[bytes, None]:
         """Like `watch`, as bytes."""
         check_name(name)
         stub = self._usable()

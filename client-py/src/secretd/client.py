@@ -14,7 +14,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from types import TracebackType
 from typing import Callable, Protocol, TypeVar
 
@@ -222,7 +222,7 @@ class Client:
             exe=r.exe,
         )
 
-    def watch(self, name: str) -> Iterator[str]:
+    def watch(self, name: str) -> Generator[str, None, None]:
         """The current value of `name`, then each new value as it is rotated, as text.
 
         Survives a broker restart (reconnects within the `retry` budget and skips a repeat of
@@ -232,7 +232,7 @@ class Client:
         for value in self.watch_bytes(name):
             yield decode(name, value)
 
-    def watch_bytes(self, name: str) -> Iterator[bytes]:
+    def watch_bytes(self, name: str) -> Generator[bytes, None, None]:
         """Like `watch`, as bytes."""
         check_name(name)
         self._check_usable()
