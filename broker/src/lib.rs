@@ -1,5 +1,6 @@
 //! secretd broker
 
+pub mod audit;
 pub mod config;
 pub mod name;
 pub mod policy;
