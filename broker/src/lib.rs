@@ -1,7 +1,29 @@
-//! secretd broker
+//! secretd: a runtime secret broker.
+//!
+//! Where to look: who is calling — [`peer`]; may they — [`policy`]; what is the value —
+//! [`store`]; what happened — [`audit`]. [`server::serve`] ties them together behind the
+//! gRPC handlers in [`service`]. Unsafe code lives only in [`scrub`] (the start-up environment
+//! wipe), [`alloc`] (the clearing allocator) and [`sys`] (raw syscalls).
 
+pub mod alloc;
 pub mod audit;
+pub mod client;
 pub mod config;
 pub mod name;
+pub mod peer;
 pub mod policy;
 pub mod procfs;
+pub mod registry;
+pub mod scan;
+pub mod scrub;
+pub mod server;
+pub mod service;
+pub mod sources;
+pub mod state;
+pub mod store;
+pub mod sys;
+
+/// Every heap block is cleared when freed (see [`alloc`]): secrets pass through buffers we do
+/// not own (prost, hyper, std::env), and this is the one place that reaches all of them.
+#[global_allocator]
+static ALLOCATOR: alloc::ZeroizingAlloc = alloc::ZeroizingAlloc;
