@@ -17,8 +17,12 @@
 //!   passwd entry and no `--group` is an error (never a made-up gid, never gid 0).
 //!   `--group` without `--user` is an error. Supplementary groups are always cleared.
 //! - Without `--user` the shim runs PROGRAM as the caller (no switch): allowed for non-root
-//!   callers; as root it is refused unless `--allow-root`. `--user` always needs the
-//!   privilege to switch (root, or CAP_SETUID + CAP_SETGID), even to the caller's own uid.
+//!   callers; as root it is refused unless `--allow-root`. `--user` needs the privilege to
+//!   switch (root, or CAP_SETUID + CAP_SETGID), except on re-entry: an unprivileged caller
+//!   whose real/effective/saved uid and gid already are the requested ones (a worker running
+//!   `python3` again, i.e. the shim in interpreter mode) passes through with no identity
+//!   change and no registration (it could do neither; the broker's descendant rule already
+//!   gives it its parent worker's function). Root never takes this path.
 //! - `SECRETD_SOCKET` is always set (`--socket`, config `socket`, else
 //!   `/run/secretd/secretd.sock`, which must be absolute); `--keep`/`--set` of it is refused.
 //!   Variable names must match `[A-Za-z_][A-Za-z0-9_]*`. Environment order: SECRETD_SOCKET,
@@ -82,11 +86,13 @@ fn run() -> Result<(), ShimError> {
             launch
         }
     };
+    let (uids, gids) = sys::current_ids();
     let plan = plan::build(
         &launch,
         &Context {
             etc: Path::new("/etc"),
-            euid: sys::effective_uid(),
+            uids,
+            gids,
             getenv: &|name| std::env::var_os(name),
         },
     )?;

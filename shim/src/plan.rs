@@ -118,8 +118,10 @@ pub struct Plan {
 pub struct Context<'a> {
     /// Directory holding `passwd` and `group` (normally `/etc`).
     pub etc: &'a Path,
-    /// The shim's effective uid.
-    pub euid: u32,
+    /// The shim's real, effective and saved uids.
+    pub uids: [u32; 3],
+    /// The shim's real, effective and saved gids.
+    pub gids: [u32; 3],
     /// Reads one variable of the shim's environment; asked only for `--keep` names.
     pub getenv: &'a dyn Fn(&str) -> Option<OsString>,
 }
@@ -128,7 +130,8 @@ impl std::fmt::Debug for Context<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
             .field("etc", &self.etc)
-            .field("euid", &self.euid)
+            .field("uids", &self.uids)
+            .field("gids", &self.gids)
             .finish_non_exhaustive()
     }
 }
@@ -140,7 +143,8 @@ pub fn build(launch: &Launch, ctx: &Context<'_>) -> Result<Plan, ShimError> {
         return Err(ShimError::Usage("PROGRAM is empty".into()));
     }
 
-    let identity = match &launch.user {
+    let euid = ctx.uids[1];
+    let mut identity = match &launch.user {
         Some(spec) => {
             let user = lookup_user(ctx.etc, spec).map_err(|source| ShimError::Account {
                 what: "user",
@@ -168,8 +172,20 @@ pub fn build(launch: &Launch, ctx: &Context<'_>) -> Result<Plan, ShimError> {
                 user_key: origin.key("user"),
             });
         }
-        None => Identity::Keep { uid: ctx.euid },
+        None => Identity::Keep { uid: euid },
     };
+    // Re-entry: an unprivileged process that already is exactly the requested user and group
+    // (a worker starting `python3` again, which is the shim once more) passes through. It could
+    // not switch or register anyway, and needs neither: it gains nothing, and the broker's
+    // descendant rule already gives it its parent worker's function, if any.
+    let reentry = euid != 0
+        && matches!(identity, Identity::Switch { uid, gid }
+            if ctx.uids == [uid; 3] && ctx.gids == [gid; 3]);
+    if reentry {
+        identity = Identity::Keep {
+            uid: identity.uid(),
+        };
+    }
     if identity.uid() == 0 && !launch.allow_root {
         return Err(ShimError::RefuseRoot {
             program,
@@ -194,6 +210,7 @@ pub fn build(launch: &Launch, ctx: &Context<'_>) -> Result<Plan, ShimError> {
                 key: origin.key("function"),
             });
         }
+        Some(_) if reentry => None,
         Some(f) => Some(Registration {
             socket: socket.clone(),
             function: f.clone(),
@@ -343,7 +360,8 @@ mod tests {
             &launch,
             &Context {
                 etc: dir.path(),
-                euid,
+                uids: [euid; 3],
+                gids: [euid; 3],
                 getenv: &getenv,
             },
         )
@@ -452,6 +470,51 @@ mod tests {
             plan(0, |l| l.allow_root = true).unwrap().identity,
             Identity::Keep { uid: 0 }
         );
+    }
+
+    #[test]
+    fn reentry_as_the_same_unprivileged_user_passes_through() {
+        let dir = etc();
+        let mut launch = Launch::new(Origin::Flags);
+        launch.program = "/app/worker".into();
+        launch.argv0 = "/app/worker".into();
+        launch.user = Some("nonroot".into());
+        launch.function = Some("orders".into());
+        let ctx = |uids, gids| Context {
+            etc: dir.path(),
+            uids,
+            gids,
+            getenv: &getenv,
+        };
+        // Already nonroot:nonroot, unprivileged: no switch, no registration.
+        let p = build(&launch, &ctx([65532; 3], [65533; 3])).unwrap();
+        assert_eq!(p.identity, Identity::Keep { uid: 65532 });
+        assert_eq!(p.registration, None);
+        // Any difference (a saved uid, another gid) means a real switch, which will fail
+        // without privilege and say so.
+        for (uids, gids) in [
+            ([65532, 65532, 1000], [65533; 3]),
+            ([65532; 3], [65532; 3]),
+            ([1000; 3], [65533; 3]),
+        ] {
+            let p = build(&launch, &ctx(uids, gids)).unwrap();
+            assert_eq!(
+                p.identity,
+                Identity::Switch {
+                    uid: 65532,
+                    gid: 65533
+                },
+                "{uids:?} {gids:?}"
+            );
+            assert!(p.registration.is_some());
+        }
+        // Root is never "re-entry": it always switches and registers.
+        let mut as_root = launch.clone();
+        as_root.user = Some("root".into());
+        as_root.allow_root = true;
+        let p = build(&as_root, &ctx([0; 3], [0; 3])).unwrap();
+        assert_eq!(p.identity, Identity::Switch { uid: 0, gid: 0 });
+        assert!(p.registration.is_some());
     }
 
     #[test]

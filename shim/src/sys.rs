@@ -39,9 +39,16 @@ pub trait Sys {
 #[derive(Debug)]
 pub struct RealSys;
 
-/// The shim's effective uid.
-pub fn effective_uid() -> u32 {
-    nix::unistd::geteuid().as_raw()
+/// The shim's (real, effective, saved) uids and gids. getresuid/getresgid cannot fail with
+/// valid pointers; should they, the effective ids stand in for all three.
+pub fn current_ids() -> ([u32; 3], [u32; 3]) {
+    let uids = RealSys
+        .getresuid()
+        .unwrap_or([nix::unistd::geteuid().as_raw(); 3]);
+    let gids = RealSys
+        .getresgid()
+        .unwrap_or([nix::unistd::getegid().as_raw(); 3]);
+    (uids, gids)
 }
 
 impl Sys for RealSys {

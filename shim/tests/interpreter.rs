@@ -91,6 +91,31 @@ fn runs_the_configured_program_with_the_original_arguments() {
     assert!(!text.contains("SECRETD_SHIM_CONFIG"));
 }
 
+/// A worker that starts `python3` again (the shim, as installed) runs it as itself: the
+/// nested shim passes through without switching users or registering.
+#[test]
+fn a_worker_can_start_the_interpreter_again() {
+    if !root_or_skip("a_worker_can_start_the_interpreter_again") {
+        return;
+    }
+    let install = Install::new(&CONFIG.replace("socket = ", "function = \"orders\"\nsocket = "));
+    // The worker's environment is clean, so the temp config is named again (an image uses
+    // /etc/secretd/shim.toml and needs nothing).
+    let nested = format!(
+        "SECRETD_SHIM_CONFIG={} {} -c 'id -u; env | grep -c SECRETD_SOCKET'",
+        install.config().display(),
+        install.path("python3").display()
+    );
+    // The outer run registers and fails (no broker at /run/test), so test the nested run on
+    // its own, as the worker would start it: as nobody, with the worker's environment.
+    let mut cmd = install.command("python3");
+    std::os::unix::process::CommandExt::uid(&mut cmd, 65534);
+    std::os::unix::process::CommandExt::gid(&mut cmd, 65534);
+    let out = run(cmd.args(["-c", &nested]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "65534\n1\n");
+}
+
 #[test]
 fn config_flag_runs_a_section_like_interpreter_mode() {
     if !root_or_skip("config_flag_runs_a_section_like_interpreter_mode") {

@@ -419,13 +419,28 @@ fn an_unprivileged_caller_runs_as_itself() {
     let status = stdout(&out);
     assert_eq!(status_field(&status, "Uid"), "65534\t65534\t65534\t65534");
     assert_eq!(status_field(&status, "NoNewPrivs"), "1");
-    // Switching users needs privilege, even to oneself.
-    let out = as_nobody(&["--user", "nobody", "--", "/bin/true"]);
+    // Switching users needs privilege...
+    let out = as_nobody(&["--user", "daemon", "--", "/bin/true"]);
     assert_shim_error(
         &out,
         125,
         "cannot clear supplementary groups: Operation not permitted",
     );
+    // ...except on re-entry as exactly oneself, which passes through without registering
+    // (the socket does not exist: an attempt would fail).
+    let out = as_nobody(&[
+        "--user",
+        "nobody",
+        "--function",
+        "orders",
+        "--socket",
+        "/nonexistent/secretd.sock",
+        "--",
+        "/usr/bin/id",
+        "-u",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "65534\n");
 }
 
 /// No broker on the socket (or a socket that is not a broker): an error, never a silent start
