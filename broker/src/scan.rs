@@ -52,9 +52,9 @@ pub struct ScanHit {
 /// are listed (by name) in `not_searched`. All values are searched at once (Aho-Corasick), and
 /// a value found inside another is reported too. Two names with the same value are both
 /// reported. When no value is long enough, no process is read at all.
-pub fn scan<'a>(
+pub fn scan<'n, 'v>(
     proc: &ProcFs,
-    secrets: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    secrets: impl IntoIterator<Item = (&'n str, &'v [u8])>,
 ) -> ScanReport {
     let mut report = ScanReport::default();
     // Unique values, each with the names that hold it.
@@ -233,6 +233,22 @@ mod tests {
             [("K", &b"0123456789"[..])],
         );
         assert_eq!(report, ScanReport::default());
+    }
+
+    /// The store hands its entries over as `&mut dyn Iterator` under its read lock, where the
+    /// name and value lifetimes are unrelated.
+    #[test]
+    fn accepts_the_stores_iterator() {
+        fn with_all<R>(f: impl FnOnce(&mut dyn Iterator<Item = (&str, &[u8])>) -> R) -> R {
+            let entries = [("K".to_owned(), b"0123456789".to_vec())];
+            let mut it = entries.iter().map(|(n, v)| (n.as_str(), v.as_slice()));
+            f(&mut it)
+        }
+        let root = tempfile::tempdir().unwrap();
+        process(root.path(), 5, b"K=0123456789\0", b"");
+        let report = with_all(|all| scan(&ProcFs::new(root.path()), all));
+        assert_eq!(report.hits.len(), 1);
+        assert_eq!(report.hits[0].environ, ["K"]);
     }
 
     #[test]
