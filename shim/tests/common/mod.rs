@@ -105,6 +105,15 @@ pub fn passwd_entry(name: &str) -> Option<(u32, u32)> {
     })
 }
 
+/// gid of group `name` in /etc/group, read independently of the shim.
+pub fn group_gid(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&name)).then(|| f[2].parse().unwrap())
+    })
+}
+
 /// A statically linked busybox (Debian `busybox-static`), or why there is none.
 pub fn static_busybox() -> Result<PathBuf, String> {
     let path = Path::new("/bin/busybox");
