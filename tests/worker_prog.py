@@ -69,7 +69,8 @@ def raw_get(name: str) -> dict[str, Any]:
             secret = stub.GetSecret(pb.GetSecretRequest(name=name), timeout=10.0)
         except grpc.RpcError as err:
             code: Any = getattr(err, "code", lambda: None)()
-            return {"ok": False, "code": getattr(code, "name", "UNKNOWN")}
+            details: Any = getattr(err, "details", lambda: None)()
+            return {"ok": False, "code": getattr(code, "name", "UNKNOWN"), "details": details}
     return {"ok": True, **digest(secret.value)}
 
 
