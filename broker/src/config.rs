@@ -83,12 +83,21 @@ pub enum AuditTarget {
 }
 
 /// Which environment variables of the broker become secrets.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EnvSource {
     pub include: Vec<String>,
     pub exclude: Vec<String>,
     include_set: GlobSet,
     exclude_set: GlobSet,
+}
+
+impl std::fmt::Debug for EnvSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnvSource")
+            .field("include", &self.include)
+            .field("exclude", &self.exclude)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EnvSource {

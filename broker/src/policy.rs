@@ -86,12 +86,23 @@ impl Matcher {
 /// `*` and `?` never cross a `/` (`apps/*` covers `apps/x` but not `apps/x/y`) and `**` as a
 /// whole segment does (`apps/**` covers `apps/x` and `apps/x/y`). `[abc]` and `{a,b}` work
 /// as usual.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Scope {
     pub name: String,
     pub matcher: Matcher,
     pub patterns: Vec<String>,
     globs: GlobSet,
+}
+
+impl fmt::Debug for Scope {
+    // The compiled GlobSet's Debug is pages of automaton internals; the patterns say it all.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scope")
+            .field("name", &self.name)
+            .field("matcher", &self.matcher)
+            .field("patterns", &self.patterns)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Scope {
@@ -390,6 +401,15 @@ mod tests {
         assert_eq!(
             DenyReason::NotCovered.to_string(),
             "no matched scope covers the name"
+        );
+    }
+
+    #[test]
+    fn debug_is_short() {
+        let debug = format!("{:?}", policy().scopes()[0]);
+        assert_eq!(
+            debug,
+            r#"Scope { name: "orders", matcher: Matcher { uid: Some(1001), gid: None, function: None, exe: None }, patterns: ["ORDERS_DB", "SHARED_*"], .. }"#
         );
     }
 
