@@ -145,6 +145,18 @@ mod tests {
     }
 
     #[test]
+    fn every_single_byte() {
+        for b in 0..=255u8 {
+            let Ok(s) = std::str::from_utf8(std::slice::from_ref(&b)) else {
+                continue;
+            };
+            let want = b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
+            assert_eq!(SecretName::parse(s).is_ok(), want, "byte {b}");
+            assert_eq!(is_name_byte(b), want || b == b'/', "byte {b}");
+        }
+    }
+
+    #[test]
     fn messages_never_echo_the_input() {
         let cases = [
             ("", "invalid secret name: empty"),

@@ -83,9 +83,10 @@ impl Matcher {
 /// A labelled grant: callers matching `matcher` may read names matching `patterns`.
 ///
 /// Patterns are globs over whole names, matched case-sensitively, where `/` is special:
-/// `*` and `?` never cross a `/` (`apps/*` covers `apps/x` but not `apps/x/y`) and `**` as a
-/// whole segment does (`apps/**` covers `apps/x` and `apps/x/y`). `[abc]` and `{a,b}` work
-/// as usual.
+/// `*`, `?` and `[...]` never match a `/` (`apps/*` covers `apps/x` but not `apps/x/y`), while
+/// `**` as a whole segment matches any number of segments: `apps/**` covers `apps/x` and
+/// `apps/x/y` (not `apps` itself), `**/db` covers `db` and `a/b/db`, and `**` alone covers
+/// every name. `{a,b}` alternation and `\` escapes work as usual.
 #[derive(Clone)]
 pub struct Scope {
     pub name: String,
@@ -352,6 +353,7 @@ mod tests {
             ("** crosses /", caller(1002, 1002, &[], Some("billing"), None), "apps/billing/a/b", allow("billing-fn")),
             ("** one level", caller(1002, 1002, &[], Some("billing"), None), "apps/billing/a", allow("billing-fn")),
             ("** stays under its prefix", caller(1002, 1002, &[], Some("billing"), None), "apps/orders/a", NOT_COVERED),
+            ("prefix/** is not the prefix", caller(1002, 1002, &[], Some("billing"), None), "apps/billing", NOT_COVERED),
             ("exe: exact path", caller(9, 9, &[], None, Some("/usr/bin/python3.11")), "PY_A", allow("python")),
             ("exe: ? is one byte", caller(9, 9, &[], None, Some("/usr/bin/python3.11")), "PY_AB", NOT_COVERED),
             ("exe: alternation", caller(9, 9, &[], None, Some("/usr/bin/python3.11")), "tls/key", allow("python")),
