@@ -1,1 +1,547 @@
-fn main() {}
+//! `secretd`: the broker daemon and its operator commands.
+//!
+//! `serve` runs the start-up sequence of the contract in a plain `fn main`, before any thread
+//! exists: capture and wipe the environment, harden the process, load config, sources and
+//! policy, bind the socket — and only then start the async runtime.
+
+use std::{
+    io::{Read, Write},
+    path::PathBuf,
+    process::ExitCode,
+    sync::Arc,
+};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use secretd::{
+    audit::AuditLog,
+    client,
+    config::{Config, DEFAULT_CONFIG_PATH, LogFormat},
+    procfs::ProcFs,
+    registry::Registry,
+    scrub,
+    server::{self, bind_socket},
+    state::{self, Broker, ConfigOrigin},
+    store::{Origin, Store},
+};
+use secretd_proto::v1::{self as pb, admin_client::AdminClient, secrets_client::SecretsClient};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "secretd",
+    version,
+    about = "Runtime secret broker: scoped secrets over gRPC on a Unix socket, callers identified by kernel peer credentials"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the broker: read secrets from the environment and secret files, wipe the
+    /// environment, serve scoped values on the socket.
+    Serve {
+        /// Config file [default: /etc/secretd/secretd.toml; built-in defaults if absent]
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+        /// Socket to listen on (overrides [server].socket)
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Write "READY\n" to this inherited file descriptor once accepting connections
+        #[arg(long, value_name = "N")]
+        ready_fd: Option<i32>,
+    },
+    /// Validate the config and policy, print a summary; exit 0 if valid, 1 if not.
+    Check {
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
+    },
+    /// Ask a running broker to reload its config and policy (Admin.Reload).
+    Reload {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Show a running broker's status (Admin.Status). No values.
+    Status {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// List processes whose environ or cmdline holds a brokered value (Admin.Scan). Names, never values.
+    Scan {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read one secret (or all) from its source now (Admin.Refresh).
+    Refresh {
+        name: Option<String>,
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Create or replace a secret in memory; the value is read from standard input, never argv
+    /// (one trailing newline is removed).
+    Set {
+        name: String,
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Remove (and zeroize) a secret.
+    Delete {
+        name: String,
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Print one secret's value to standard output (as the calling process is scoped).
+    Get {
+        name: String,
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Print the names the calling process may read.
+    List {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Print what the broker knows about the calling process.
+    Whoami {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            socket,
+            ready_fd,
+        } => serve(config, socket, ready_fd),
+        Command::Check { config } => check(config),
+        other => client_command(other),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("secretd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_location(config: Option<PathBuf>) -> (PathBuf, bool) {
+    match config {
+        Some(p) => (p, true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    }
+}
+
+fn check(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let (path, explicit) = config_location(config);
+    match Config::load_or_default(&path, explicit, std::path::Path::new("/etc")) {
+        Ok(config) => {
+            print!("{}", config.summary());
+            println!("config OK");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("secretd: {e}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn serve(
+    config: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    ready_fd: Option<i32>,
+) -> anyhow::Result<ExitCode> {
+    let proc = ProcFs::system();
+    // 1–2. Copy every variable out, zero the original block, empty `environ`. Single-threaded.
+    let env = scrub::capture_and_wipe(&proc).context("failed to wipe the environment")?;
+    // 3. Non-dumpable, no core files, memory locked (best effort; warnings logged below).
+    let hardening = scrub::harden();
+    // 4. Config, policy and file sources; any error aborts with file:line:col.
+    let (path, explicit) = config_location(config);
+    let etc = PathBuf::from("/etc");
+    let config = Config::load_or_default(&path, explicit, &etc)?;
+    init_logging(&config, env.rust_log.as_deref());
+    for w in &hardening.warnings {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(
+        memory_lock = hardening.memory_lock,
+        "process hardened: non-dumpable, RLIMIT_CORE=0"
+    );
+    for line in config.summary().lines() {
+        tracing::info!("config: {line}");
+    }
+    let (env_secrets, file_secrets) = state::initial_secrets(&config, env.vars)?;
+    let store = Store::new();
+    for (name, value) in env_secrets {
+        store.put(name, value, Origin::Env);
+    }
+    for (name, value) in file_secrets {
+        store.put(name, value, Origin::File);
+    }
+    let socket = socket.unwrap_or_else(|| config.server.socket.clone());
+    let ready = ready_fd
+        .map(|fd| {
+            secretd::sys::inherited_fd(fd)
+                .map(std::fs::File::from)
+                .with_context(|| format!("--ready-fd {fd} is not an open file descriptor"))
+        })
+        .transpose()?;
+    let audit = AuditLog::open(&config.server.audit_log)
+        .with_context(|| format!("failed to open the audit log {:?}", config.server.audit_log))?;
+    // 5. Socket, then the runtime.
+    let listener = bind_socket(&socket, config.server.socket_mode)?;
+    tracing::info!(
+        secrets = store.len(),
+        scopes = config.policy.scopes().len(),
+        "loaded {} secrets ({} from the environment, {} from files)",
+        store.len(),
+        store
+            .count_by_origin()
+            .get(&Origin::Env)
+            .copied()
+            .unwrap_or(0),
+        store
+            .count_by_origin()
+            .get(&Origin::File)
+            .copied()
+            .unwrap_or(0),
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("secretd")
+        .build()
+        .context("failed to start the async runtime")?;
+    let origin = ConfigOrigin {
+        path,
+        explicit,
+        etc,
+    };
+    let result = runtime.block_on(async move {
+        let registry = Registry::new(state::state_path_for(&socket), proc.clone());
+        let kept = registry.load();
+        if !kept.is_empty() {
+            tracing::info!(count = kept.len(), "restored worker registrations");
+        }
+        let broker = Arc::new(Broker::new(
+            config, origin, socket, store, registry, audit, proc,
+        ));
+        broker.note_source("env", Ok(()));
+        broker.note_source("files", Ok(()));
+        spawn_reload_on_sighup(Arc::clone(&broker))?;
+        let outcome = server::serve(Arc::clone(&broker), listener, stop_signal()?, ready).await;
+        broker.audit.flush();
+        outcome.map_err(anyhow::Error::from)
+    });
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(config: &Config, rust_log: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    // Network crates are capped whatever the level: their trace output is protocol frames.
+    let directive = format!(
+        "{},h2=info,hyper=info,hyper_util=info,tonic=info,tower=info",
+        rust_log.unwrap_or(&config.log.level)
+    );
+    let filter = EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+fn spawn_reload_on_sighup(broker: Arc<Broker>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading configuration");
+            if let Err(e) = broker.reload().await {
+                tracing::error!(error = %e, "reload rejected; the configuration in force is unchanged");
+            }
+        }
+    });
+    Ok(())
+}
+
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).context("failed to install the SIGTERM handler")?;
+    let mut int =
+        signal(SignalKind::interrupt()).context("failed to install the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+        }
+    })
+}
+
+/// The operator/client subcommands: one call on a single-threaded runtime.
+fn client_command(command: Command) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_client(command))
+}
+
+async fn channel(socket: Option<PathBuf>) -> anyhow::Result<tonic::transport::Channel> {
+    let path = client::socket_path(socket);
+    client::connect(&path)
+        .await
+        .with_context(|| format!("cannot connect to the broker at {}", path.display()))
+}
+
+fn status_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+}
+
+async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Reload { socket } => {
+            let r = AdminClient::new(channel(socket).await?)
+                .reload(pb::ReloadRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("reloaded: {} secrets, {} scopes", r.secrets, r.scopes);
+        }
+        Command::Status { socket, json } => {
+            let s = AdminClient::new(channel(socket).await?)
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status_json(&s))?);
+            } else {
+                print_status(&s);
+            }
+        }
+        Command::Scan { socket, json } => {
+            let s = AdminClient::new(channel(socket).await?)
+                .scan(pb::ScanRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&scan_json(&s))?);
+            } else {
+                print_scan(&s);
+            }
+        }
+        Command::Refresh { name, socket } => {
+            let r = AdminClient::new(channel(socket).await?)
+                .refresh(pb::RefreshRequest {
+                    name: name.unwrap_or_default(),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("refreshed {} secrets", r.refreshed);
+        }
+        Command::Set { name, socket } => {
+            let mut value = Vec::new();
+            std::io::stdin()
+                .read_to_end(&mut value)
+                .context("failed to read the value from standard input")?;
+            if value.last() == Some(&b'\n') {
+                value.pop();
+            }
+            let r = AdminClient::new(channel(socket).await?)
+                .set_secret(pb::SetSecretRequest {
+                    name: name.clone(),
+                    value,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{name}: version {}", r.version);
+        }
+        Command::Delete { name, socket } => {
+            AdminClient::new(channel(socket).await?)
+                .delete_secret(pb::DeleteSecretRequest { name: name.clone() })
+                .await
+                .map_err(status_error)?;
+            println!("{name}: deleted");
+        }
+        Command::Get { name, socket } => {
+            let s = SecretsClient::new(channel(socket).await?)
+                .get_secret(pb::GetSecretRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let mut out = std::io::stdout().lock();
+            out.write_all(&s.value)?;
+            out.flush()?;
+        }
+        Command::List { socket } => {
+            let r = SecretsClient::new(channel(socket).await?)
+                .list_secrets(pb::ListSecretsRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            for n in r.names {
+                println!("{n}");
+            }
+        }
+        Command::Whoami { socket, json } => {
+            let w = SecretsClient::new(channel(socket).await?)
+                .who_am_i(pb::WhoAmIRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if json {
+                let v = serde_json::json!({
+                    "pid": w.pid, "uid": w.uid, "gid": w.gid,
+                    "function": (!w.function.is_empty()).then_some(&w.function),
+                    "scopes": w.scopes, "exe": w.exe,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("pid {} uid {} gid {}", w.pid, w.uid, w.gid);
+                println!("exe {}", w.exe);
+                println!(
+                    "function {}",
+                    if w.function.is_empty() {
+                        "-"
+                    } else {
+                        &w.function
+                    }
+                );
+                println!(
+                    "scopes {}",
+                    if w.scopes.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        w.scopes.join(", ")
+                    }
+                );
+            }
+        }
+        Command::Serve { .. } | Command::Check { .. } => bail!("not a client command"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "version": s.version,
+        "pid": s.pid,
+        "uptime_seconds": s.uptime_seconds,
+        "socket": s.socket,
+        "config": s.config,
+        "secrets": s.secrets,
+        "scopes": s.scopes,
+        "registered_workers": s.registered_workers,
+        "open_connections": s.open_connections,
+        "calls_allowed": s.calls_allowed,
+        "calls_denied": s.calls_denied,
+        "sources": s.sources.iter().map(|src| serde_json::json!({
+            "name": src.name,
+            "secrets": src.secrets,
+            "last_success": (!src.last_success.is_empty()).then_some(&src.last_success),
+            "last_error": (!src.last_error.is_empty()).then_some(&src.last_error),
+            "last_error_time": (!src.last_error_time.is_empty()).then_some(&src.last_error_time),
+            "errors": src.errors,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_status(s: &pb::StatusResponse) {
+    println!(
+        "secretd {} (pid {}), up {}s",
+        s.version, s.pid, s.uptime_seconds
+    );
+    println!("socket      {}", s.socket);
+    println!(
+        "config      {}",
+        if s.config.is_empty() {
+            "(built-in defaults)"
+        } else {
+            &s.config
+        }
+    );
+    println!("secrets     {}", s.secrets);
+    println!("scopes      {}", s.scopes);
+    println!("workers     {} registered", s.registered_workers);
+    println!("connections {} open", s.open_connections);
+    println!(
+        "calls       {} allowed, {} denied",
+        s.calls_allowed, s.calls_denied
+    );
+    for src in &s.sources {
+        let ok = if src.last_success.is_empty() {
+            "never"
+        } else {
+            &src.last_success
+        };
+        print!(
+            "source {:<6} {} secrets, last success {ok}",
+            src.name, src.secrets
+        );
+        if !src.last_error.is_empty() {
+            print!(
+                ", {} errors, last: {} ({})",
+                src.errors, src.last_error, src.last_error_time
+            );
+        }
+        println!();
+    }
+}
+
+fn scan_json(s: &pb::ScanResponse) -> serde_json::Value {
+    serde_json::json!({
+        "processes_scanned": s.processes_scanned,
+        "processes_skipped": s.processes_skipped,
+        "not_searched": s.not_searched,
+        "hits": s.hits.iter().map(|h| serde_json::json!({
+            "pid": h.pid, "uid": h.uid, "exe": h.exe, "environ": h.environ, "cmdline": h.cmdline,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_scan(s: &pb::ScanResponse) {
+    println!(
+        "scanned {} processes ({} skipped: vanished or unreadable)",
+        s.processes_scanned, s.processes_skipped
+    );
+    if !s.not_searched.is_empty() {
+        println!(
+            "not searched (shorter than 8 bytes): {}",
+            s.not_searched.join(", ")
+        );
+    }
+    if s.hits.is_empty() {
+        println!("no process holds a brokered value in its environ or cmdline");
+        return;
+    }
+    for h in &s.hits {
+        println!("pid {} uid {} {}", h.pid, h.uid, h.exe);
+        if !h.environ.is_empty() {
+            println!("  environ: {}", h.environ.join(", "));
+        }
+        if !h.cmdline.is_empty() {
+            println!("  cmdline: {}", h.cmdline.join(", "));
+        }
+    }
+}

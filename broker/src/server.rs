@@ -1,0 +1,314 @@
+//! The socket and the server loop: socket-path safety, accept with a connection limit and
+//! per-connection attestation, the gRPC services (plus health and reflection), graceful stop.
+
+use std::{
+    future::Future,
+    io,
+    os::unix::{
+        fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
+        net::UnixListener as StdUnixListener,
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use secretd_proto::v1::{
+    FILE_DESCRIPTOR_SET, admin_server::AdminServer, secrets_server::SecretsServer,
+};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::{
+    peer::{Peer, PeerStream},
+    service::{AdminService, SecretsService},
+    state::Broker,
+    store::Event,
+};
+
+/// Lives as long as one connection: frees its slot under the limit and keeps the count.
+struct ConnectionGuard {
+    broker: Arc<Broker>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.broker
+            .stats
+            .open_connections
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("failed to create socket directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("failed to inspect socket directory {path}: {source}")]
+    InspectDir { path: PathBuf, source: io::Error },
+    #[error("refusing socket directory {path}: {why}")]
+    UnsafeDir { path: PathBuf, why: String },
+    #[error("another broker is already serving {path}")]
+    AlreadyServing { path: PathBuf },
+    #[error("refusing to replace {path}: it exists and is not a socket")]
+    NotASocket { path: PathBuf },
+    #[error("failed to remove stale socket {path}: {source}")]
+    RemoveStale { path: PathBuf, source: io::Error },
+    #[error("failed to bind socket {path}: {source}")]
+    Bind { path: PathBuf, source: io::Error },
+    #[error("failed to set mode {mode:04o} on socket {path}: {source}")]
+    Chmod {
+        path: PathBuf,
+        mode: u32,
+        source: io::Error,
+    },
+    #[error("socket path {path} must be absolute")]
+    Relative { path: PathBuf },
+    #[error("failed to start the server: {0}")]
+    Serve(String),
+}
+
+/// Bind the broker socket safely:
+/// - the parent directory is created `0755` if absent, and refused if anyone but root (or the
+///   broker's own uid, for an unprivileged broker) owns it or can write to it;
+/// - an existing socket that accepts connections belongs to a live broker: refuse; one that
+///   refuses connections is stale (a dead broker's): replace it; anything else: refuse;
+/// - the socket gets `mode` (who may connect; what they may read is decided per call).
+pub fn bind_socket(path: &Path, mode: u32) -> Result<StdUnixListener, BrokerError> {
+    if !path.is_absolute() {
+        return Err(BrokerError::Relative {
+            path: path.to_owned(),
+        });
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(dir)
+            .map_err(|source| BrokerError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+    }
+    check_dir(dir)?;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(BrokerError::AlreadyServing {
+                        path: path.to_owned(),
+                    });
+                }
+                Err(_) => {
+                    std::fs::remove_file(path).map_err(|source| BrokerError::RemoveStale {
+                        path: path.to_owned(),
+                        source,
+                    })?;
+                    tracing::info!(path = %path.display(), "replaced a stale socket left by a previous broker");
+                }
+            }
+        }
+        Ok(_) => {
+            return Err(BrokerError::NotASocket {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(BrokerError::InspectDir {
+                path: path.to_owned(),
+                source,
+            });
+        }
+    }
+    let listener = StdUnixListener::bind(path).map_err(|source| BrokerError::Bind {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|source| {
+        BrokerError::Chmod {
+            path: path.to_owned(),
+            mode,
+            source,
+        }
+    })?;
+    Ok(listener)
+}
+
+fn check_dir(dir: &Path) -> Result<(), BrokerError> {
+    let meta = std::fs::metadata(dir).map_err(|source| BrokerError::InspectDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(BrokerError::UnsafeDir {
+            path: dir.to_owned(),
+            why: format!("owned by uid {}, not root", meta.uid()),
+        });
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(BrokerError::UnsafeDir {
+            path: dir.to_owned(),
+            why: format!(
+                "mode {:04o} lets others create or replace the socket",
+                meta.mode() & 0o7777
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Serve until `shutdown` resolves, then stop accepting, give in-flight calls
+/// `limits.shutdown_grace` to end, remove the socket and zeroize the store.
+/// `ready` (the `--ready-fd`) receives `READY\n` once connections are being accepted.
+pub async fn serve(
+    broker: Arc<Broker>,
+    listener: StdUnixListener,
+    shutdown: impl Future<Output = ()>,
+    ready: Option<std::fs::File>,
+) -> Result<(), BrokerError> {
+    let config = broker.config();
+    let limits = config.limits.clone();
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| BrokerError::Serve(e.to_string()))?;
+    let listener = tokio::net::UnixListener::from_std(listener)
+        .map_err(|e| BrokerError::Serve(e.to_string()))?;
+
+    let (conns_tx, conns_rx) = mpsc::channel::<io::Result<PeerStream>>(64);
+    let accept = tokio::spawn(accept_loop(
+        Arc::clone(&broker),
+        listener,
+        conns_tx,
+        limits.max_connections,
+    ));
+
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<SecretsServer<SecretsService>>()
+        .await;
+    health_reporter
+        .set_serving::<AdminServer<AdminService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| BrokerError::Serve(e.to_string()))?;
+    let secrets = SecretsServer::new(SecretsService::new(Arc::clone(&broker)))
+        .max_decoding_message_size(limits.max_request_bytes);
+    let admin = AdminServer::new(AdminService::new(Arc::clone(&broker)))
+        .max_decoding_message_size(limits.max_request_bytes);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .http2_max_header_list_size(u32::try_from(limits.max_request_bytes).unwrap_or(u32::MAX))
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(secrets)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), async {
+            let _ = stop_rx.await;
+        });
+    tokio::pin!(server);
+
+    if let Some(mut ready) = ready {
+        use std::io::Write;
+        if let Err(e) = ready.write_all(b"READY\n") {
+            tracing::warn!(error = %e, "failed to write READY to --ready-fd");
+        }
+    }
+    tracing::info!(socket = %broker.socket.display(), "accepting connections");
+
+    let result = tokio::select! {
+        r = &mut server => r.map_err(|e| BrokerError::Serve(e.to_string())),
+        () = shutdown => {
+            tracing::info!("shutting down: no new connections; waiting for in-flight calls");
+            accept.abort();
+            broker.store.announce(Event::ShuttingDown);
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(limits.shutdown_grace, &mut server).await {
+                Ok(r) => r.map_err(|e| BrokerError::Serve(e.to_string())),
+                Err(_) => {
+                    tracing::warn!(grace = ?limits.shutdown_grace, "in-flight calls did not end within the grace period; closing them");
+                    Ok(())
+                }
+            }
+        }
+    };
+    accept.abort();
+    if let Err(e) = std::fs::remove_file(&broker.socket) {
+        tracing::warn!(path = %broker.socket.display(), error = %e, "failed to remove the socket");
+    }
+    broker.zeroize();
+    result
+}
+
+/// Accept, enforce the connection limit, attest each peer, hand it to the server.
+async fn accept_loop(
+    broker: Arc<Broker>,
+    listener: tokio::net::UnixListener,
+    conns: mpsc::Sender<io::Result<PeerStream>>,
+    max_connections: usize,
+) {
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let mut next_conn: u64 = 0;
+    let mut refused_logged = false;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            broker
+                .stats
+                .refused_connections
+                .fetch_add(1, Ordering::Relaxed);
+            if !refused_logged {
+                tracing::warn!(
+                    max_connections,
+                    "connection limit reached; refusing new connections"
+                );
+                refused_logged = true;
+            }
+            drop(stream);
+            continue;
+        };
+        refused_logged = false;
+        next_conn += 1;
+        let peer = Peer::identify(&stream, &broker.proc, next_conn);
+        match &peer.failure {
+            None => tracing::debug!(
+                conn = next_conn,
+                pid = peer.pid,
+                uid = peer.uid,
+                gid = peer.gid,
+                "connection accepted"
+            ),
+            Some(reason) => {
+                tracing::warn!(conn = next_conn, pid = peer.pid, uid = peer.uid, %reason, "connection accepted but not attested; its calls will be denied")
+            }
+        }
+        broker
+            .stats
+            .open_connections
+            .fetch_add(1, Ordering::Relaxed);
+        let guard = ConnectionGuard {
+            broker: Arc::clone(&broker),
+            _permit: permit,
+        };
+        let stream = PeerStream::new(stream, peer, Box::new(guard));
+        if conns.send(Ok(stream)).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! gRPC handlers: thin. Each one attests the caller (`state::Broker::attest`), asks `policy`,
+//! reads `store`, writes one audit record, and maps the outcome to a status.
+//!
+//! Statuses say little (a fixed message per outcome, identical whether or not an out-of-scope
+//! secret exists); the audit record and the `tracing` event carry the rest — never a value.
+
+use std::{pin::Pin, sync::Arc, time::SystemTime};
+
+use secretd_proto::v1::{self as pb, admin_server::Admin, secrets_server::Secrets};
+use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status};
+
+use crate::{
+    audit::{AuditRecord, Outcome},
+    name::SecretName,
+    peer::{Peer, PeerInfo},
+    policy::{Caller, Decision, evaluate},
+    registry::valid_function_name,
+    scan,
+    state::{Attested, Broker, Unverified},
+    store::{Event, Origin},
+};
+
+/// The one message a caller gets for an out-of-scope name, whether or not it exists.
+pub const DENIED: &str = "permission denied: no scope of this caller covers the requested secret";
+pub const NOT_FOUND: &str = "secret not found";
+pub const ADMIN_DENIED: &str =
+    "permission denied: admin calls need a uid listed in server.admin_uids";
+
+/// A call in progress: who, which rpc, and the audit record being filled in.
+struct Call<'a> {
+    broker: &'a Broker,
+    record: AuditRecord,
+}
+
+impl<'a> Call<'a> {
+    /// Attest the peer of `req`. An unverifiable peer is denied (and audited) here.
+    fn start<T>(
+        broker: &'a Broker,
+        rpc: &'static str,
+        req: &Request<T>,
+    ) -> Result<(Call<'a>, Attested), Status> {
+        let peer = peer_of(req)?;
+        match broker.attest(&peer) {
+            Ok(att) => {
+                let mut record = AuditRecord::new(rpc, &att.caller);
+                record.scopes = att
+                    .grant
+                    .scope_names(&att.config.policy)
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
+                Ok((Call { broker, record }, att))
+            }
+            Err(why) => {
+                let mut record = AuditRecord::new(rpc, &bare_caller(&peer));
+                record.decision = Outcome::Deny;
+                record.reason = Some(why.to_string());
+                tracing::warn!(conn = peer.conn, pid = peer.pid, uid = peer.uid, rpc, reason = %why, "call refused: caller not verified");
+                Call { broker, record }.finish();
+                Err(Status::permission_denied(match why {
+                    Unverified::Exited => why.to_string(),
+                    Unverified::Failed(_) => {
+                        "permission denied: caller identity could not be verified".to_owned()
+                    }
+                }))
+            }
+        }
+    }
+
+    fn names(&mut self, names: &[SecretName]) -> &mut Self {
+        self.record.names = names.iter().map(|n| n.to_string()).collect();
+        self
+    }
+
+    fn allow(mut self) {
+        self.record.decision = Outcome::Allow;
+        self.finish();
+    }
+
+    fn deny(mut self, reason: impl Into<String>, message: &str) -> Status {
+        let reason = reason.into();
+        tracing::info!(
+            pid = self.record.pid, uid = self.record.uid, function = ?self.record.function,
+            rpc = self.record.rpc, names = ?self.record.names, scopes = ?self.record.scopes,
+            reason = %reason, "denied"
+        );
+        self.record.decision = Outcome::Deny;
+        self.record.reason = Some(reason);
+        self.finish();
+        Status::permission_denied(message)
+    }
+
+    fn not_found(mut self) -> Status {
+        self.record.decision = Outcome::NotFound;
+        self.finish();
+        Status::not_found(NOT_FOUND)
+    }
+
+    /// Malformed input: the message says what is wrong, never echoes what was sent.
+    fn invalid(mut self, message: String) -> Status {
+        self.record.decision = Outcome::Invalid;
+        self.record.reason = Some(message.clone());
+        self.record.names.clear();
+        self.finish();
+        Status::invalid_argument(message)
+    }
+
+    fn failed(mut self, code: tonic::Code, message: String) -> Status {
+        self.record.decision = Outcome::Invalid;
+        self.record.reason = Some(message.clone());
+        self.finish();
+        Status::new(code, message)
+    }
+
+    fn finish(self) {
+        let stats = &self.broker.stats;
+        match self.record.decision {
+            Outcome::Allow | Outcome::NotFound => stats
+                .allowed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            Outcome::Deny | Outcome::Invalid => stats
+                .denied
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        };
+        self.broker.audit.record(self.record);
+    }
+}
+
+fn peer_of<T>(req: &Request<T>) -> Result<PeerInfo, Status> {
+    req.extensions()
+        .get::<PeerInfo>()
+        .cloned()
+        // Only reachable if the server were wired without PeerStream: refuse rather than guess.
+        .ok_or_else(|| Status::permission_denied("permission denied: no peer credentials"))
+}
+
+/// The kernel facts of a peer that failed attestation, for the audit record.
+fn bare_caller(peer: &Peer) -> Caller {
+    Caller {
+        pid: peer.pid,
+        uid: peer.uid,
+        gid: peer.gid,
+        ..Caller::default()
+    }
+}
+
+fn parse_name(name: &str) -> Result<SecretName, String> {
+    SecretName::parse(name).map_err(|e| e.to_string())
+}
+
+fn secret_of(broker: &Broker, name: &SecretName) -> Option<pb::Secret> {
+    broker.store.read(name, |value, version| pb::Secret {
+        name: name.to_string(),
+        // The only copy made for a response; freed (and cleared by the allocator) once encoded.
+        value: value.to_vec(),
+        version,
+    })
+}
+
+/// `secretd.v1.Secrets`.
+#[derive(Debug, Clone)]
+pub struct SecretsService {
+    broker: Arc<Broker>,
+}
+
+impl SecretsService {
+    pub fn new(broker: Arc<Broker>) -> SecretsService {
+        SecretsService { broker }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Secret, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Secrets for SecretsService {
+    async fn get_secret(
+        &self,
+        req: Request<pb::GetSecretRequest>,
+    ) -> Result<Response<pb::Secret>, Status> {
+        let (mut call, att) = Call::start(&self.broker, "GetSecret", &req)?;
+        let name = match parse_name(&req.get_ref().name) {
+            Ok(n) => n,
+            Err(e) => return Err(call.invalid(e)),
+        };
+        call.names(std::slice::from_ref(&name));
+        match evaluate(&att.config.policy, &att.grant, &name) {
+            Decision::Deny(reason) => Err(call.deny(reason.to_string(), DENIED)),
+            Decision::Allow { .. } => match secret_of(&self.broker, &name) {
+                Some(secret) => {
+                    call.allow();
+                    Ok(Response::new(secret))
+                }
+                None => Err(call.not_found()),
+            },
+        }
+    }
+
+    async fn get_secrets(
+        &self,
+        req: Request<pb::GetSecretsRequest>,
+    ) -> Result<Response<pb::GetSecretsResponse>, Status> {
+        let (mut call, att) = Call::start(&self.broker, "GetSecrets", &req)?;
+        let raw = &req.get_ref().names;
+        let max = att.config.limits.max_names_per_request;
+        if raw.len() > max {
+            return Err(call.invalid(format!(
+                "too many names: {} requested, at most {max} per call",
+                raw.len()
+            )));
+        }
+        let mut names = Vec::with_capacity(raw.len());
+        for (i, n) in raw.iter().enumerate() {
+            match parse_name(n) {
+                Ok(n) => names.push(n),
+                Err(e) => return Err(call.invalid(format!("name #{}: {e}", i + 1))),
+            }
+        }
+        call.names(&names);
+        // All or nothing: any denial fails the whole call before anything is read.
+        for name in &names {
+            if let Decision::Deny(reason) = evaluate(&att.config.policy, &att.grant, name) {
+                return Err(call.deny(format!("{name}: {reason}"), DENIED));
+            }
+        }
+        let mut secrets = Vec::with_capacity(names.len());
+        for name in &names {
+            match secret_of(&self.broker, name) {
+                Some(s) => secrets.push(s),
+                None => return Err(call.not_found()),
+            }
+        }
+        call.allow();
+        Ok(Response::new(pb::GetSecretsResponse { secrets }))
+    }
+
+    async fn list_secrets(
+        &self,
+        req: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let (call, att) = Call::start(&self.broker, "ListSecrets", &req)?;
+        let names = if att.grant.is_empty() {
+            Vec::new()
+        } else {
+            self.broker
+                .store
+                .names()
+                .into_iter()
+                .filter(|n| att.grant.allows(&att.config.policy, n))
+                .map(SecretName::into_string)
+                .collect()
+        };
+        call.allow();
+        Ok(Response::new(pb::ListSecretsResponse { names }))
+    }
+
+    async fn who_am_i(
+        &self,
+        req: Request<pb::WhoAmIRequest>,
+    ) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let (call, att) = Call::start(&self.broker, "WhoAmI", &req)?;
+        let scopes = call.record.scopes.clone();
+        call.allow();
+        let c = att.caller;
+        Ok(Response::new(pb::WhoAmIResponse {
+            pid: c.pid,
+            uid: c.uid,
+            gid: c.gid,
+            function: c.function.unwrap_or_default(),
+            scopes,
+            exe: c.exe.map(|p| p.display().to_string()).unwrap_or_default(),
+        }))
+    }
+
+    type WatchSecretStream = WatchStream;
+
+    async fn watch_secret(
+        &self,
+        req: Request<pb::WatchSecretRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let (mut call, att) = Call::start(&self.broker, "WatchSecret", &req)?;
+        let peer = peer_of(&req)?;
+        let name = match parse_name(&req.get_ref().name) {
+            Ok(n) => n,
+            Err(e) => return Err(call.invalid(e)),
+        };
+        call.names(std::slice::from_ref(&name));
+        if let Decision::Deny(reason) = evaluate(&att.config.policy, &att.grant, &name) {
+            return Err(call.deny(reason.to_string(), DENIED));
+        }
+        // Subscribe before reading the current value, so no change can fall between the two.
+        let mut events = self.broker.store.subscribe();
+        let Some(first) = secret_of(&self.broker, &name) else {
+            return Err(call.not_found());
+        };
+        call.allow();
+        let (tx, rx) = mpsc::channel::<Result<pb::Secret, Status>>(4);
+        let broker = Arc::clone(&self.broker);
+        tokio::spawn(async move {
+            let mut last = first.version;
+            if tx.send(Ok(first)).await.is_err() {
+                return;
+            }
+            loop {
+                let event = tokio::select! {
+                    _ = tx.closed() => return,
+                    e = events.recv() => e,
+                };
+                let resend = match event {
+                    Ok(Event::Changed(n)) => n == name,
+                    Ok(Event::Deleted(n)) if n == name => {
+                        let _ = tx.send(Err(Status::not_found(NOT_FOUND))).await;
+                        return;
+                    }
+                    Ok(Event::Deleted(_)) => false,
+                    Ok(Event::PolicyReloaded) => {
+                        let still = broker.attest(&peer).is_ok_and(|a| {
+                            matches!(
+                                evaluate(&a.config.policy, &a.grant, &name),
+                                Decision::Allow { .. }
+                            )
+                        });
+                        if !still {
+                            tracing::info!(pid = peer.pid, uid = peer.uid, name = %name, "watch ended: scope revoked by reload");
+                            let _ = tx.send(Err(Status::permission_denied(DENIED))).await;
+                            return;
+                        }
+                        true
+                    }
+                    Ok(Event::ShuttingDown) | Err(RecvError::Closed) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable("broker is shutting down")))
+                            .await;
+                        return;
+                    }
+                    // Missed events: re-read the current value.
+                    Err(RecvError::Lagged(_)) => true,
+                };
+                if !resend {
+                    continue;
+                }
+                match secret_of(&broker, &name) {
+                    Some(s) if s.version != last => {
+                        last = s.version;
+                        if tx.send(Ok(s)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(_) => {}
+                    None => {
+                        let _ = tx.send(Err(Status::not_found(NOT_FOUND))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// `secretd.v1.Admin`.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    broker: Arc<Broker>,
+}
+
+impl AdminService {
+    pub fn new(broker: Arc<Broker>) -> AdminService {
+        AdminService { broker }
+    }
+
+    /// Attest, then require `uid ∈ server.admin_uids`.
+    fn admin<'a, T>(
+        &'a self,
+        rpc: &'static str,
+        req: &Request<T>,
+    ) -> Result<(Call<'a>, Attested), Status> {
+        let (call, att) = Call::start(&self.broker, rpc, req)?;
+        if !att.config.server.admin_uids.contains(&att.caller.uid) {
+            return Err(call.deny("uid not in server.admin_uids", ADMIN_DENIED));
+        }
+        Ok((call, att))
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn register_worker(
+        &self,
+        req: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        let (mut call, _att) = self.admin("RegisterWorker", &req)?;
+        let r = req.get_ref();
+        if !valid_function_name(&r.function) {
+            return Err(call.invalid(
+                "invalid function name: 1-128 bytes of A-Z a-z 0-9 _ . - expected".to_owned(),
+            ));
+        }
+        call.record.function = Some(r.function.clone());
+        let peer = peer_of(&req)?;
+        let result = if r.pid == 0 {
+            self.broker.registry.register_peer(&peer, &r.function)
+        } else {
+            self.broker.registry.register_pid(r.pid, &r.function)
+        };
+        match result {
+            Ok(reg) => {
+                call.record.reason =
+                    Some(format!("registered pid {} as {}", reg.pid, reg.function));
+                tracing::info!(pid = reg.pid, function = %reg.function, by_pid = peer.pid, "worker registered");
+                call.allow();
+                Ok(Response::new(pb::RegisterWorkerResponse {
+                    pid: reg.pid,
+                    function: reg.function,
+                }))
+            }
+            Err(e) => Err(call.failed(tonic::Code::FailedPrecondition, e.to_string())),
+        }
+    }
+
+    async fn reload(
+        &self,
+        req: Request<pb::ReloadRequest>,
+    ) -> Result<Response<pb::ReloadResponse>, Status> {
+        let (call, _att) = self.admin("Reload", &req)?;
+        match self.broker.reload().await {
+            Ok(config) => {
+                call.allow();
+                Ok(Response::new(pb::ReloadResponse {
+                    secrets: self.broker.store.len() as u64,
+                    scopes: config.policy.scopes().len() as u64,
+                }))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload rejected; the configuration in force is unchanged");
+                Err(call.failed(
+                    tonic::Code::FailedPrecondition,
+                    format!("reload rejected, configuration unchanged: {e}"),
+                ))
+            }
+        }
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let (call, att) = self.admin("Status", &req)?;
+        call.allow();
+        let b = &self.broker;
+        let counts = b.store.count_by_origin();
+        let health = b.source_health();
+        let mut sources = Vec::new();
+        for origin in [Origin::Env, Origin::File, Origin::Admin] {
+            let h = health.get(origin.as_str()).cloned().unwrap_or_default();
+            sources.push(pb::SourceStatus {
+                name: origin.as_str().to_owned(),
+                secrets: counts.get(&origin).copied().unwrap_or(0) as u64,
+                last_success: h.last_success.map(rfc3339).unwrap_or_default(),
+                last_error: h
+                    .last_error
+                    .as_ref()
+                    .map(|(_, e)| e.clone())
+                    .unwrap_or_default(),
+                last_error_time: h
+                    .last_error
+                    .as_ref()
+                    .map(|(t, _)| rfc3339(*t))
+                    .unwrap_or_default(),
+                errors: h.errors,
+            });
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        Ok(Response::new(pb::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_seconds: b.started.elapsed().as_secs(),
+            secrets: b.store.len() as u64,
+            scopes: att.config.policy.scopes().len() as u64,
+            registered_workers: b.registry.len() as u64,
+            open_connections: b.stats.open_connections.load(Relaxed),
+            calls_allowed: b.stats.allowed.load(Relaxed),
+            calls_denied: b.stats.denied.load(Relaxed),
+            socket: b.socket.display().to_string(),
+            config: att
+                .config
+                .path
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            sources,
+            pid: u64::from(std::process::id()),
+        }))
+    }
+
+    async fn scan(
+        &self,
+        req: Request<pb::ScanRequest>,
+    ) -> Result<Response<pb::ScanResponse>, Status> {
+        let (call, _att) = self.admin("Scan", &req)?;
+        let broker = Arc::clone(&self.broker);
+        let report = tokio::task::spawn_blocking(move || {
+            broker
+                .store
+                .with_all(|all| scan::scan(&broker.proc, all.iter().copied()))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("scan failed: {e}")))?;
+        call.allow();
+        Ok(Response::new(pb::ScanResponse {
+            hits: report
+                .hits
+                .into_iter()
+                .map(|h| pb::ScanHit {
+                    pid: h.pid,
+                    uid: h.uid,
+                    exe: h.exe,
+                    environ: h.environ,
+                    cmdline: h.cmdline,
+                })
+                .collect(),
+            processes_scanned: report.scanned,
+            processes_skipped: report.skipped,
+            not_searched: report.not_searched,
+        }))
+    }
+
+    async fn refresh(
+        &self,
+        req: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::RefreshResponse>, Status> {
+        let (mut call, _att) = self.admin("Refresh", &req)?;
+        let name = match req.get_ref().name.as_str() {
+            "" => None,
+            n => match parse_name(n) {
+                Ok(n) => Some(n),
+                Err(e) => return Err(call.invalid(e)),
+            },
+        };
+        if let Some(n) = &name {
+            call.names(std::slice::from_ref(n));
+        }
+        match self.broker.refresh(name.as_ref()).await {
+            Ok(refreshed) => {
+                call.allow();
+                Ok(Response::new(pb::RefreshResponse { refreshed }))
+            }
+            Err(e) => Err(call.failed(tonic::Code::Unavailable, format!("refresh failed: {e}"))),
+        }
+    }
+
+    async fn set_secret(
+        &self,
+        req: Request<pb::SetSecretRequest>,
+    ) -> Result<Response<pb::SetSecretResponse>, Status> {
+        let (mut call, _att) = self.admin("SetSecret", &req)?;
+        let name = match parse_name(&req.get_ref().name) {
+            Ok(n) => n,
+            Err(e) => return Err(call.invalid(e)),
+        };
+        call.names(std::slice::from_ref(&name));
+        let value = req.into_inner().value;
+        let version = self
+            .broker
+            .store
+            .put(name, crate::store::secret(value), Origin::Admin);
+        call.allow();
+        Ok(Response::new(pb::SetSecretResponse { version }))
+    }
+
+    async fn delete_secret(
+        &self,
+        req: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+        let (mut call, _att) = self.admin("DeleteSecret", &req)?;
+        let name = match parse_name(&req.get_ref().name) {
+            Ok(n) => n,
+            Err(e) => return Err(call.invalid(e)),
+        };
+        call.names(std::slice::from_ref(&name));
+        if self.broker.store.delete(&name) {
+            call.allow();
+            Ok(Response::new(pb::DeleteSecretResponse {}))
+        } else {
+            Err(call.not_found())
+        }
+    }
+}

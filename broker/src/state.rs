@@ -1,0 +1,312 @@
+//! The broker's shared state: configuration in force, secrets, registrations, audit sink and
+//! counters — and the two operations that change more than one of them (reload, attest).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Instant, SystemTime},
+};
+
+use secrecy::SecretBox;
+
+use crate::{
+    audit::AuditLog,
+    config::{Config, ConfigError},
+    name::SecretName,
+    peer::{Cached, Peer},
+    policy::{Caller, Grant},
+    procfs::ProcFs,
+    registry::Registry,
+    sources::{self, Secrets, SourceError},
+    store::{Event, Origin, Store},
+};
+
+/// Counters for Status.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+    pub open_connections: AtomicU64,
+    pub refused_connections: AtomicU64,
+}
+
+/// Health of one secret source, for Status.
+#[derive(Debug, Clone, Default)]
+pub struct SourceHealth {
+    pub last_success: Option<SystemTime>,
+    pub last_error: Option<(SystemTime, String)>,
+    pub errors: u64,
+}
+
+/// Where the config came from and how to read it again.
+#[derive(Debug, Clone)]
+pub struct ConfigOrigin {
+    pub path: PathBuf,
+    /// `--config` was given: a missing file is an error, not "use defaults".
+    pub explicit: bool,
+    /// Directory holding passwd/group for `user`/`group` keys (normally `/etc`).
+    pub etc: PathBuf,
+}
+
+/// Everything the handlers share.
+#[derive(Debug)]
+pub struct Broker {
+    config: RwLock<Arc<Config>>,
+    policy_gen: AtomicU64,
+    origin: ConfigOrigin,
+    /// The socket actually served (from `--socket` or the config at start-up).
+    pub socket: PathBuf,
+    pub store: Store,
+    pub registry: Arc<Registry>,
+    pub audit: AuditLog,
+    pub proc: ProcFs,
+    pub stats: Stats,
+    pub started: Instant,
+    sources: Mutex<BTreeMap<&'static str, SourceHealth>>,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+/// A verified caller, with the config snapshot its grant was computed against.
+#[derive(Debug, Clone)]
+pub struct Attested {
+    pub config: Arc<Config>,
+    pub caller: Caller,
+    pub grant: Grant,
+}
+
+/// Why a peer gets nothing at all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unverified {
+    /// Attestation failed at accept (a /proc fact could not be read, …).
+    Failed(String),
+    /// The process that connected has exited (the socket may be held by a descendant).
+    Exited,
+}
+
+impl std::fmt::Display for Unverified {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unverified::Failed(r) => write!(f, "caller identity could not be verified: {r}"),
+            Unverified::Exited => f.write_str("the process that opened this connection has exited"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+impl Broker {
+    pub fn new(
+        config: Config,
+        origin: ConfigOrigin,
+        socket: PathBuf,
+        store: Store,
+        registry: Arc<Registry>,
+        audit: AuditLog,
+        proc: ProcFs,
+    ) -> Broker {
+        Broker {
+            config: RwLock::new(Arc::new(config)),
+            policy_gen: AtomicU64::new(1),
+            origin,
+            socket,
+            store,
+            registry,
+            audit,
+            proc,
+            stats: Stats::default(),
+            started: Instant::now(),
+            sources: Mutex::new(BTreeMap::new()),
+            reload_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn config_origin(&self) -> &ConfigOrigin {
+        &self.origin
+    }
+
+    pub fn policy_generation(&self) -> u64 {
+        self.policy_gen.load(Ordering::Acquire)
+    }
+
+    /// Who is calling, re-verified for this call: the connecting process must still be alive.
+    /// The caller and its grant are computed once per connection and reused until the policy
+    /// or the registrations change.
+    pub fn attest(&self, peer: &Peer) -> Result<Attested, Unverified> {
+        if let Some(reason) = &peer.failure {
+            peer.close();
+            return Err(Unverified::Failed(reason.clone()));
+        }
+        if !peer.alive() {
+            peer.close();
+            return Err(Unverified::Exited);
+        }
+        let config = self.config();
+        let policy_gen = self.policy_generation();
+        let registry_gen = self.registry.generation();
+        if let Some(c) = peer.cached(policy_gen, registry_gen) {
+            return Ok(Attested {
+                config,
+                caller: c.caller,
+                grant: c.grant,
+            });
+        }
+        let caller = Caller {
+            pid: peer.pid,
+            uid: peer.uid,
+            gid: peer.gid,
+            groups: peer.groups.clone(),
+            function: self.registry.function_for(peer),
+            exe: peer.exe.clone(),
+        };
+        let grant = config.policy.grant(&caller);
+        peer.store_cache(Cached {
+            policy_gen,
+            registry_gen,
+            caller: caller.clone(),
+            grant: grant.clone(),
+        });
+        Ok(Attested {
+            config,
+            caller,
+            grant,
+        })
+    }
+
+    /// Re-read the config file and the file sources. All or nothing: on any error the config,
+    /// policy and secrets in force are untouched.
+    pub async fn reload(&self) -> Result<Arc<Config>, ReloadError> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let origin = self.origin.clone();
+        let loaded = tokio::task::spawn_blocking(move || -> Result<_, ReloadError> {
+            let config = Config::load_or_default(&origin.path, origin.explicit, &origin.etc)?;
+            let files = sources::read_files(&config.files.dirs)?;
+            Ok((config, files))
+        })
+        .await
+        .map_err(|e| ReloadError::Source(SourceError::Task(e.to_string())))?;
+        let (config, files) = match loaded {
+            Ok(v) => v,
+            Err(e) => {
+                self.note_source("files", Err(e.to_string()));
+                return Err(e);
+            }
+        };
+        let old = self.config();
+        if old.env.include != config.env.include || old.env.exclude != config.env.exclude {
+            tracing::warn!(
+                "[sources.env] changed: environment secrets are read once at start-up; restart to apply"
+            );
+        }
+        if old.server.socket != config.server.socket
+            || old.server.socket_mode != config.server.socket_mode
+        {
+            tracing::warn!("[server] socket/socket_mode changed: takes effect at restart");
+        }
+        self.store.replace_origin(Origin::File, files);
+        self.note_source("files", Ok(()));
+        let config = Arc::new(config);
+        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&config);
+        self.policy_gen.fetch_add(1, Ordering::AcqRel);
+        self.store.announce(Event::PolicyReloaded);
+        tracing::info!(
+            scopes = config.policy.scopes().len(),
+            secrets = self.store.len(),
+            "configuration reloaded"
+        );
+        Ok(config)
+    }
+
+    /// Re-read file sources now (Admin.Refresh). `name` limits it to one secret.
+    pub async fn refresh(&self, name: Option<&SecretName>) -> Result<u64, SourceError> {
+        let dirs = self.config().files.dirs.clone();
+        let files = tokio::task::spawn_blocking(move || sources::read_files(&dirs))
+            .await
+            .map_err(|e| SourceError::Task(e.to_string()))?;
+        let files = match files {
+            Ok(f) => f,
+            Err(e) => {
+                self.note_source("files", Err(e.to_string()));
+                return Err(e);
+            }
+        };
+        self.note_source("files", Ok(()));
+        let count = match name {
+            Some(name) => {
+                let mut n = 0;
+                for (k, v) in files {
+                    if &k == name {
+                        self.store.put(k, v, Origin::File);
+                        n += 1;
+                    }
+                }
+                n
+            }
+            None => {
+                let n = files.len() as u64;
+                self.store.replace_origin(Origin::File, files);
+                n
+            }
+        };
+        Ok(count)
+    }
+
+    pub fn note_source(&self, source: &'static str, result: Result<(), String>) {
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let h = sources.entry(source).or_default();
+        match result {
+            Ok(()) => h.last_success = Some(SystemTime::now()),
+            Err(e) => {
+                h.errors += 1;
+                h.last_error = Some((SystemTime::now(), e));
+            }
+        }
+    }
+
+    pub fn source_health(&self) -> BTreeMap<&'static str, SourceHealth> {
+        self.sources
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Shutdown: tell watchers, flush nothing secret, zeroize every value.
+    pub fn zeroize(&self) {
+        self.store.announce(Event::ShuttingDown);
+        self.store.clear();
+    }
+}
+
+/// The initial secrets: selected environment variables (already captured and wiped) plus file
+/// sources. Environment values not selected are dropped (and zeroized) here.
+pub fn initial_secrets(
+    config: &Config,
+    env: Vec<(String, SecretBox<[u8]>)>,
+) -> Result<(Secrets, Secrets), SourceError> {
+    let env = sources::select_env(&config.env, env);
+    let files = sources::read_files(&config.files.dirs)?;
+    Ok((env, files))
+}
+
+/// `<socket>.state`: the registration file lives beside the socket.
+pub fn state_path_for(socket: &Path) -> PathBuf {
+    let mut name = socket
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "secretd.sock".into());
+    name.push(".state");
+    socket.with_file_name(name)
+}

@@ -1,0 +1,301 @@
+//! The secret values, and the only place they are exposed.
+//!
+//! Values live in [`SecretBox<[u8]>`], which zeroizes on drop; replacing or deleting a secret
+//! drops the old box. `expose_secret` appears in this file only: [`Store::read`] lends a value to
+//! a closure (the gRPC encoder, the scanner) and nothing else can reach the bytes.
+//!
+//! Versions: a process-wide counter seeded from the wall clock (microseconds) at start-up and
+//! bumped on every change, so a version never repeats for a name across broker restarts
+//! (unless the clock goes backwards by more than the restart took).
+//!
+//! Every change is announced on a broadcast channel ([`Event`]) that watchers subscribe to; the
+//! event carries names only.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use secrecy::{ExposeSecret, SecretBox};
+use tokio::sync::broadcast;
+
+use crate::name::SecretName;
+
+/// Where a secret came from. Shown in Status; decides what a reload or refresh replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Origin {
+    Env,
+    File,
+    Admin,
+}
+
+impl Origin {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Origin::Env => "env",
+            Origin::File => "files",
+            Origin::Admin => "admin",
+        }
+    }
+}
+
+struct Entry {
+    value: SecretBox<[u8]>,
+    version: u64,
+    origin: Origin,
+}
+
+/// A change, as watchers see it: names, never values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Changed(SecretName),
+    Deleted(SecretName),
+    /// The policy was replaced: every watcher re-checks its scope.
+    PolicyReloaded,
+    /// The broker is stopping: watchers end their streams.
+    ShuttingDown,
+}
+
+/// Read-mostly map of secrets. Cheap reads under an `RwLock` (reads never block each other;
+/// writes are rare: start-up, reload, rotation, admin set/delete).
+pub struct Store {
+    entries: RwLock<BTreeMap<SecretName, Entry>>,
+    next_version: AtomicU64,
+    events: broadcast::Sender<Event>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("secrets", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    pub fn new() -> Store {
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
+        let (events, _) = broadcast::channel(1024);
+        Store {
+            entries: RwLock::new(BTreeMap::new()),
+            next_version: AtomicU64::new(seed),
+            events,
+        }
+    }
+
+    fn bump(&self) -> u64 {
+        self.next_version.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Insert or replace. An unchanged value keeps its version (and announces nothing), so a
+    /// periodic re-read of the same data does not wake every watcher.
+    pub fn put(&self, name: SecretName, value: SecretBox<[u8]>, origin: Origin) -> u64 {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = entries.get_mut(&name) {
+            if old.value.expose_secret() == value.expose_secret() {
+                old.origin = origin;
+                return old.version;
+            }
+            let version = self.bump();
+            // The old box is dropped (and zeroized) by this assignment.
+            *old = Entry {
+                value,
+                version,
+                origin,
+            };
+            drop(entries);
+            let _ = self.events.send(Event::Changed(name));
+            return version;
+        }
+        let version = self.bump();
+        entries.insert(
+            name.clone(),
+            Entry {
+                value,
+                version,
+                origin,
+            },
+        );
+        drop(entries);
+        let _ = self.events.send(Event::Changed(name));
+        version
+    }
+
+    /// Remove (and zeroize). Returns whether it existed.
+    pub fn delete(&self, name: &SecretName) -> bool {
+        let removed = self
+            .entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+        if removed.is_some() {
+            let _ = self.events.send(Event::Deleted(name.clone()));
+        }
+        removed.is_some()
+    }
+
+    /// Replace every secret of `origin` with `fresh`: new names are added, changed values get a
+    /// new version, names no longer present are deleted. Secrets of other origins are kept.
+    pub fn replace_origin(&self, origin: Origin, fresh: Vec<(SecretName, SecretBox<[u8]>)>) {
+        let keep: std::collections::BTreeSet<SecretName> =
+            fresh.iter().map(|(n, _)| n.clone()).collect();
+        let stale: Vec<SecretName> = {
+            let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+            entries
+                .iter()
+                .filter(|(n, e)| e.origin == origin && !keep.contains(*n))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        for name in &stale {
+            self.delete(name);
+        }
+        for (name, value) in fresh {
+            self.put(name, value, origin);
+        }
+    }
+
+    /// Lend a value to `f`. The only exposure point of the broker.
+    pub fn read<R>(&self, name: &SecretName, f: impl FnOnce(&[u8], u64) -> R) -> Option<R> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(name)
+            .map(|e| f(e.value.expose_secret(), e.version))
+    }
+
+    pub fn contains(&self, name: &SecretName) -> bool {
+        self.entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(name)
+    }
+
+    /// Names, sorted.
+    pub fn names(&self) -> Vec<SecretName> {
+        self.entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many secrets each origin holds (for Status).
+    pub fn count_by_origin(&self) -> BTreeMap<Origin, usize> {
+        let mut counts = BTreeMap::new();
+        for e in self
+            .entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            *counts.entry(e.origin).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Lend every (name, value) to `f` at once, under one read lock (for Scan).
+    pub fn with_all<R>(&self, f: impl FnOnce(&[(&str, &[u8])]) -> R) -> R {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let all: Vec<(&str, &[u8])> = entries
+            .iter()
+            .map(|(n, e)| (n.as_str(), e.value.expose_secret()))
+            .collect();
+        f(&all)
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub fn announce(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    /// Zeroize and drop every secret (shutdown).
+    pub fn clear(&self) {
+        self.entries
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+/// A secret box from plain bytes (intake: files, admin requests). The caller's buffer is moved.
+pub fn secret(bytes: Vec<u8>) -> SecretBox<[u8]> {
+    SecretBox::new(bytes.into_boxed_slice())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> SecretName {
+        SecretName::parse(s).unwrap()
+    }
+
+    #[test]
+    fn versions_change_only_with_values() {
+        let s = Store::new();
+        let v1 = s.put(n("A"), secret(b"one".to_vec()), Origin::Env);
+        assert_eq!(s.put(n("A"), secret(b"one".to_vec()), Origin::Env), v1);
+        let v2 = s.put(n("A"), secret(b"two".to_vec()), Origin::Env);
+        assert!(v2 > v1);
+        assert_eq!(
+            s.read(&n("A"), |v, ver| (v.to_vec(), ver)),
+            Some((b"two".to_vec(), v2))
+        );
+        assert!(s.delete(&n("A")));
+        assert!(!s.delete(&n("A")));
+        let v3 = s.put(n("A"), secret(b"one".to_vec()), Origin::Env);
+        assert!(v3 > v2, "a re-created secret never reuses an old version");
+    }
+
+    #[test]
+    fn replace_origin_keeps_other_origins() {
+        let s = Store::new();
+        s.put(n("E"), secret(b"e".to_vec()), Origin::Env);
+        s.put(n("F1"), secret(b"f".to_vec()), Origin::File);
+        s.put(n("F2"), secret(b"f".to_vec()), Origin::File);
+        s.replace_origin(
+            Origin::File,
+            vec![
+                (n("F2"), secret(b"g".to_vec())),
+                (n("F3"), secret(b"h".to_vec())),
+            ],
+        );
+        let names: Vec<String> = s.names().iter().map(|n| n.to_string()).collect();
+        assert_eq!(names, ["E", "F2", "F3"]);
+    }
+
+    #[test]
+    fn events_carry_names() {
+        let s = Store::new();
+        let mut rx = s.subscribe();
+        s.put(n("A"), secret(b"x".to_vec()), Origin::Admin);
+        s.delete(&n("A"));
+        assert_eq!(rx.try_recv().unwrap(), Event::Changed(n("A")));
+        assert_eq!(rx.try_recv().unwrap(), Event::Deleted(n("A")));
+        assert!(format!("{s:?}").contains("secrets: 0"));
+    }
+}
