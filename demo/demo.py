@@ -331,8 +331,8 @@ class Demo:
         clean = names == ["PATH", "SECRETD_SOCKET"] and not self.leaks(environ + cmdline)
         self.report.check(
             clean,
-            f"worker environ holds only {', '.join(names)} (the shim was started with "
-            f"{len(self.host_env)} variables, secrets included)",
+            f"worker environ holds only {' and '.join(names)}; no value in environ or cmdline "
+            f"(the shim itself was started with {len(self.host_env)} variables, secrets included)",
             "" if clean else f"leaked: {self.leaks(environ + cmdline)}",
         )
         assert proc.stdin is not None
@@ -356,8 +356,8 @@ class Demo:
         proc.wait(timeout=TIMEOUT)
         self.report.check(
             got.get("result") == "PermissionDenied",
-            f"unauthorized caller (pid {got['pid']}, uid {got['uid']}, same program, launched "
-            f"without --function) asking for ORDERS_DB: {got.get('result')}",
+            f"unauthorized caller (pid {got['pid']}, uid {got['uid']}, not launched with "
+            f"--function) asking for ORDERS_DB: {got.get('result')}",
         )
 
     def run_scan(self) -> None:
