@@ -653,7 +653,7 @@ class Launcher:
         return [*argv, *extra, "--", *program]
 
     def popen(
-        self, argv: Sequence[str], name: str, **kwargs: Any
+        self, argv: Sequence[str], name: str, extra_env: Mapping[str, str] | None = None
     ) -> tuple[subprocess.Popen[bytes], Path]:
         self.counter += 1
         stderr_path = self.sandbox.root / f"{name}-{self.counter}.stderr"
@@ -664,15 +664,19 @@ class Launcher:
                 stdout=subprocess.PIPE,
                 stderr=err,
                 # A host-like parent: the shim itself starts with every secret in its environment.
-                env=dict(self.host_env),
+                env={**self.host_env, **(extra_env or {})},
                 cwd="/",
-                **kwargs,
             )
         return proc, stderr_path
 
     def worker(self, *, uid: int | None = WORKER_UID, function: str | None = "orders") -> Worker:
         argv = self.shim_argv(self.staged.argv("worker_prog.py"), uid=uid, function=function)
         proc, stderr_path = self.popen(argv, "worker")
+        return Worker(proc, stderr_path)
+
+    def worker_via(self, argv: Sequence[str], extra_env: Mapping[str, str]) -> Worker:
+        """The worker program started by an arbitrary command line (interpreter mode)."""
+        proc, stderr_path = self.popen(argv, "worker", extra_env)
         return Worker(proc, stderr_path)
 
     def channel(self, program: str, *args: str, uid: int, function: str | None) -> LineChannel:
