@@ -304,25 +304,11 @@ impl Config {
             let _ = writeln!(out, "scopes: {}", scopes.len());
         }
         for scope in scopes {
-            let m = &scope.matcher;
-            let mut matchers = Vec::new();
-            if let Some(uid) = m.uid {
-                matchers.push(format!("uid={uid}"));
-            }
-            if let Some(gid) = m.gid {
-                matchers.push(format!("gid={gid}"));
-            }
-            if let Some(f) = &m.function {
-                matchers.push(format!("function={f:?}"));
-            }
-            if let Some(e) = &m.exe {
-                matchers.push(format!("exe={}", e.display()));
-            }
             let _ = writeln!(
                 out,
                 "  scope {:?}: {} -> {}",
                 scope.name,
-                matchers.join(" "),
+                scope.describe_matcher(),
                 quoted(&scope.patterns)
             );
         }
@@ -593,8 +579,11 @@ impl RawScope {
         seen.insert(name.clone(), doc.line_col(self.name.span().start).0);
 
         let mut matcher = Matcher::default();
+        // The matcher as written, with what names resolved to: shown by `secretd check`.
+        let mut described = Vec::new();
         if let Some(uid) = &self.uid {
             matcher.uid = Some(*uid.get_ref());
+            described.push(format!("uid={}", uid.get_ref()));
         }
         if let Some(user) = &self.user {
             if self.uid.is_some() {
@@ -603,9 +592,11 @@ impl RawScope {
             let found = secretd_accounts::lookup_user(etc, user.get_ref())
                 .map_err(|e| doc.err(user, "user", at, e.to_string()))?;
             matcher.uid = Some(found.uid);
+            described.push(format!("user={} (uid {})", user.get_ref(), found.uid));
         }
         if let Some(gid) = &self.gid {
             matcher.gid = Some(*gid.get_ref());
+            described.push(format!("gid={}", gid.get_ref()));
         }
         if let Some(group) = &self.group {
             if self.gid.is_some() {
@@ -614,15 +605,18 @@ impl RawScope {
             let found = secretd_accounts::lookup_group(etc, group.get_ref())
                 .map_err(|e| doc.err(group, "group", at, e.to_string()))?;
             matcher.gid = Some(found.gid);
+            described.push(format!("group={} (gid {})", group.get_ref(), found.gid));
         }
         if let Some(function) = &self.function {
             if function.get_ref().trim().is_empty() {
                 return Err(doc.err(function, "function", at, "must not be empty"));
             }
             matcher.function = Some(function.get_ref().clone());
+            described.push(format!("function={:?}", function.get_ref()));
         }
         if let Some(exe) = &self.exe {
             matcher.exe = Some(exe_path(exe.get_ref()).map_err(|m| doc.err(exe, "exe", at, m))?);
+            described.push(format!("exe={}", exe.get_ref()));
         }
         if matcher.is_empty() {
             return Err(doc.error_at(
@@ -648,7 +642,8 @@ impl RawScope {
             patterns.push(pattern.into_inner());
         }
         Ok(Scope::new(self.name.into_inner(), matcher, patterns)
-            .expect("patterns were checked one by one"))
+            .expect("patterns were checked one by one")
+            .with_description(described.join(" ")))
     }
 }
 
@@ -1202,8 +1197,8 @@ audit log: /var/log/secretd/audit.jsonl
 env source: include [\"APP_*\", \"DB_*\"]; exclude [\"DB_DEBUG\"]
 file source: /run/secrets, /run/credentials/secretd
 scopes: 3
-  scope \"orders\": uid=1001 -> [\"ORDERS_DB\", \"SHARED_*\"]
-  scope \"functions\": gid=500 function=\"billing\" exe=/opt/app/bin/worker -> [\"apps/billing/**\"]
+  scope \"orders\": user=orders (uid 1001) -> [\"ORDERS_DB\", \"SHARED_*\"]
+  scope \"functions\": group=functions (gid 500) function=\"billing\" exe=/opt/app/bin/worker -> [\"apps/billing/**\"]
   scope \"numeric\": uid=2000 gid=2000 -> [\"X\"]
 limits: max_connections=10 max_streams_per_connection=4 max_request_bytes=4096 max_names_per_request=16 shutdown_grace=1s 500ms
 log: format=json level=\"secretd=debug,info\"

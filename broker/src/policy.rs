@@ -47,6 +47,26 @@ pub struct Matcher {
     pub exe: Option<PathBuf>,
 }
 
+/// `uid=1001 gid=500 function="billing" exe=/usr/bin/python3.11`, keys that are set only.
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(uid) = self.uid {
+            parts.push(format!("uid={uid}"));
+        }
+        if let Some(gid) = self.gid {
+            parts.push(format!("gid={gid}"));
+        }
+        if let Some(function) = &self.function {
+            parts.push(format!("function={function:?}"));
+        }
+        if let Some(exe) = &self.exe {
+            parts.push(format!("exe={}", exe.display()));
+        }
+        f.write_str(&parts.join(" "))
+    }
+}
+
 impl Matcher {
     /// True when no key is set.
     pub fn is_empty(&self) -> bool {
@@ -93,6 +113,7 @@ pub struct Scope {
     pub matcher: Matcher,
     pub patterns: Vec<String>,
     globs: GlobSet,
+    description: Option<String>,
 }
 
 impl fmt::Debug for Scope {
@@ -121,7 +142,22 @@ impl Scope {
             matcher,
             patterns,
             globs: set.build()?,
+            description: None,
         })
+    }
+
+    /// Record how the config wrote the matcher (e.g. `user=orders (uid 1001)`), for
+    /// [`Scope::describe_matcher`]. Changes nothing about matching.
+    pub fn with_description(mut self, description: String) -> Scope {
+        self.description = Some(description);
+        self
+    }
+
+    /// The matcher for humans: as the config wrote it when known, else from the ids.
+    pub fn describe_matcher(&self) -> String {
+        self.description
+            .clone()
+            .unwrap_or_else(|| self.matcher.to_string())
     }
 
     /// Whether one of this scope's patterns matches `name`.
@@ -413,6 +449,21 @@ mod tests {
             debug,
             r#"Scope { name: "orders", matcher: Matcher { uid: Some(1001), gid: None, function: None, exe: None }, patterns: ["ORDERS_DB", "SHARED_*"], .. }"#
         );
+    }
+
+    #[test]
+    fn matcher_descriptions() {
+        let scopes = policy();
+        assert_eq!(scopes.scopes()[0].describe_matcher(), "uid=1001");
+        assert_eq!(
+            scopes.scopes()[2].describe_matcher(),
+            r#"uid=1002 function="billing""#
+        );
+        assert_eq!(scopes.scopes()[4].describe_matcher(), "");
+        let described = scopes.scopes()[0]
+            .clone()
+            .with_description("user=orders (uid 1001)".into());
+        assert_eq!(described.describe_matcher(), "user=orders (uid 1001)");
     }
 
     #[test]
