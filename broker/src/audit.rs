@@ -173,8 +173,10 @@ impl Write for MemorySink {
 }
 
 impl AuditLog {
-    /// Opens the target (a file: created 0600 if absent, appended to, never through a symlink;
-    /// its directory must exist) and starts the one writer thread.
+    /// Opens the target and starts the one writer thread. A file is created 0600 if absent
+    /// (an existing file keeps its mode) and appended to; its directory must exist, and it must
+    /// be a regular file reached without following a symlink (the broker runs as root and must
+    /// not be steered into writing elsewhere). Errors say which rule failed.
     pub fn open(target: &AuditTarget) -> io::Result<AuditLog> {
         match target {
             AuditTarget::Stderr => AuditLog::spawn(Box::new(io::stderr()), "stderr".to_owned()),
@@ -183,8 +185,21 @@ impl AuditLog {
                     .append(true)
                     .create(true)
                     .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                    .open(path)?;
+                    // O_NONBLOCK: a FIFO without a reader fails (ENXIO) instead of hanging.
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+                    .open(path)
+                    .map_err(|e| match e.raw_os_error() {
+                        Some(libc::ELOOP) => {
+                            io::Error::new(e.kind(), "it is a symbolic link; name the file itself")
+                        }
+                        _ => e,
+                    })?;
+                if !file.metadata()?.is_file() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "not a regular file",
+                    ));
+                }
                 AuditLog::spawn(Box::new(file), path.display().to_string())
             }
         }
@@ -401,9 +416,20 @@ mod tests {
         let link = dir.path().join("link");
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let err = AuditLog::open(&AuditTarget::File(link)).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
+        assert_eq!(
+            err.to_string(),
+            "it is a symbolic link; name the file itself"
+        );
         let err = AuditLog::open(&AuditTarget::File(dir.path().join("no/such/dir"))).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+        let err = AuditLog::open(&AuditTarget::File(dir.path().to_owned())).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EISDIR));
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = AuditLog::open(&AuditTarget::File(fifo)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENXIO));
+        let err = AuditLog::open(&AuditTarget::File("/dev/null".into())).unwrap_err();
+        assert_eq!(err.to_string(), "not a regular file");
     }
 
     #[test]
