@@ -46,7 +46,7 @@ pub struct ScanHit {
     pub cmdline: Vec<String>,
 }
 
-/// Search every process under `proc` for the given values.
+/// Search every process under `proc` for the given values: `Scanner::new(secrets).run(proc)`.
 ///
 /// `secrets`: (name, value) pairs. Values shorter than [`MIN_SCAN_LEN`] are not searched and
 /// are listed (by name) in `not_searched`. All values are searched at once (Aho-Corasick), and
@@ -56,78 +56,125 @@ pub fn scan<'n, 'v>(
     proc: &ProcFs,
     secrets: impl IntoIterator<Item = (&'n str, &'v [u8])>,
 ) -> ScanReport {
-    let mut report = ScanReport::default();
-    // Unique values, each with the names that hold it.
-    let mut by_value: BTreeMap<&[u8], Vec<&str>> = BTreeMap::new();
-    for (name, value) in secrets {
-        if value.len() < MIN_SCAN_LEN {
-            report.not_searched.push(name.to_owned());
-        } else {
-            by_value.entry(value).or_default().push(name);
-        }
-    }
-    report.not_searched.sort();
-    report.not_searched.dedup();
-    if by_value.is_empty() {
-        return report;
-    }
-    let (values, names): (Vec<&[u8]>, Vec<Vec<&str>>) = by_value.into_iter().unzip();
-    let searcher = match AhoCorasick::builder()
-        .match_kind(MatchKind::Standard)
-        .build(&values)
-    {
-        Ok(searcher) => searcher,
-        Err(_) => {
-            // Only possible with absurdly many or long values; say so rather than guess.
-            report
-                .not_searched
-                .extend(names.into_iter().flatten().map(str::to_owned));
-            report.not_searched.sort();
-            report.not_searched.dedup();
-            return report;
-        }
-    };
-    let found_in = |haystack: &[u8]| -> Vec<String> {
-        let mut found = BTreeSet::new();
-        for m in searcher.find_overlapping_iter(haystack) {
-            found.extend(names[m.pattern().as_usize()].iter().copied());
-        }
-        found.into_iter().map(str::to_owned).collect()
-    };
+    Scanner::new(secrets).run(proc)
+}
 
-    let Ok(pids) = proc.pids() else {
-        return report;
-    };
-    for pid in pids {
-        let read = || -> Result<_, crate::procfs::ProcError> {
-            let status = proc.status(pid)?;
-            let environ = Zeroizing::new(proc.environ(pid)?);
-            let cmdline = Zeroizing::new(proc.cmdline(pid)?);
-            Ok((status, environ, cmdline))
-        };
-        let Ok((status, environ, cmdline)) = read() else {
-            report.skipped += 1;
-            continue;
-        };
-        report.scanned += 1;
-        let environ = found_in(&environ);
-        let cmdline = found_in(&cmdline);
-        if environ.is_empty() && cmdline.is_empty() {
-            continue;
-        }
-        let exe = proc
-            .exe(pid)
-            .map(|p| p.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        report.hits.push(ScanHit {
-            pid,
-            uid: status.uids[1],
-            exe,
-            environ,
-            cmdline,
-        });
+/// The values, compiled for searching and detached from whoever lent them: build it while
+/// holding the store's lock, release the lock, then [`Scanner::run`] (which reads all of
+/// `/proc` and can take a while).
+///
+/// It holds copies of the values inside the automaton: drop it as soon as the scan is done.
+/// Its `Debug` shows counts only.
+pub struct Scanner {
+    searcher: Option<AhoCorasick>,
+    /// For each pattern of `searcher`, the names holding that value.
+    names: Vec<Vec<String>>,
+    not_searched: Vec<String>,
+}
+
+impl std::fmt::Debug for Scanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scanner")
+            .field("values", &self.names.len())
+            .field("not_searched", &self.not_searched)
+            .finish_non_exhaustive()
     }
-    report
+}
+
+impl Scanner {
+    /// Compile `secrets` (see [`scan`]).
+    pub fn new<'n, 'v>(secrets: impl IntoIterator<Item = (&'n str, &'v [u8])>) -> Scanner {
+        let mut not_searched = Vec::new();
+        // Unique values, each with the names that hold it.
+        let mut by_value: BTreeMap<&[u8], Vec<String>> = BTreeMap::new();
+        for (name, value) in secrets {
+            if value.len() < MIN_SCAN_LEN {
+                not_searched.push(name.to_owned());
+            } else {
+                by_value.entry(value).or_default().push(name.to_owned());
+            }
+        }
+        let (values, mut names): (Vec<&[u8]>, Vec<Vec<String>>) = by_value.into_iter().unzip();
+        let searcher = if values.is_empty() {
+            None
+        } else {
+            match AhoCorasick::builder()
+                .match_kind(MatchKind::Standard)
+                .build(&values)
+            {
+                Ok(searcher) => Some(searcher),
+                Err(_) => {
+                    // Only possible with absurdly many or long values: say so rather than guess.
+                    not_searched.extend(names.drain(..).flatten());
+                    None
+                }
+            }
+        };
+        not_searched.sort();
+        not_searched.dedup();
+        Scanner {
+            searcher,
+            names,
+            not_searched,
+        }
+    }
+
+    /// Names of the values that are not searched for (too short).
+    pub fn not_searched(&self) -> &[String] {
+        &self.not_searched
+    }
+
+    /// Read every process under `proc` and report which hold a value.
+    pub fn run(&self, proc: &ProcFs) -> ScanReport {
+        let mut report = ScanReport {
+            not_searched: self.not_searched.clone(),
+            ..ScanReport::default()
+        };
+        let Some(searcher) = &self.searcher else {
+            return report;
+        };
+        let found_in = |haystack: &[u8]| -> Vec<String> {
+            let mut found = BTreeSet::new();
+            for m in searcher.find_overlapping_iter(haystack) {
+                found.extend(&self.names[m.pattern().as_usize()]);
+            }
+            found.into_iter().cloned().collect()
+        };
+
+        let Ok(pids) = proc.pids() else {
+            return report;
+        };
+        for pid in pids {
+            let read = || -> Result<_, crate::procfs::ProcError> {
+                let status = proc.status(pid)?;
+                let environ = Zeroizing::new(proc.environ(pid)?);
+                let cmdline = Zeroizing::new(proc.cmdline(pid)?);
+                Ok((status, environ, cmdline))
+            };
+            let Ok((status, environ, cmdline)) = read() else {
+                report.skipped += 1;
+                continue;
+            };
+            report.scanned += 1;
+            let environ = found_in(&environ);
+            let cmdline = found_in(&cmdline);
+            if environ.is_empty() && cmdline.is_empty() {
+                continue;
+            }
+            let exe = proc
+                .exe(pid)
+                .map(|p| p.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            report.hits.push(ScanHit {
+                pid,
+                uid: status.uids[1],
+                exe,
+                environ,
+                cmdline,
+            });
+        }
+        report
+    }
 }
 
 #[cfg(test)]
@@ -249,6 +296,14 @@ mod tests {
         let report = with_all(|all| scan(&ProcFs::new(root.path()), all));
         assert_eq!(report.hits.len(), 1);
         assert_eq!(report.hits[0].environ, ["K"]);
+
+        // Or compile under the lock and walk /proc after releasing it.
+        let scanner = with_all(|all| Scanner::new(all));
+        assert_eq!(
+            format!("{scanner:?}"),
+            "Scanner { values: 1, not_searched: [], .. }"
+        );
+        assert_eq!(scanner.run(&ProcFs::new(root.path())), report);
     }
 
     #[test]
