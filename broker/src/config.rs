@@ -16,7 +16,7 @@
 //!
 //! ```toml
 //! [limits]
-//! max_connections = 1024            # open connections; more wait in the listen backlog
+//! max_connections = 1024            # open connections; one beyond this is closed at once
 //! max_streams_per_connection = 32   # concurrent calls per connection (HTTP/2 streams)
 //! max_request_bytes = 65536         # largest decoded request message
 //! max_names_per_request = 256       # names in one GetSecrets call

@@ -502,11 +502,13 @@ impl Admin for AdminService {
         req: Request<pb::ScanRequest>,
     ) -> Result<Response<pb::ScanResponse>, Status> {
         let (call, _att) = self.admin("Scan", &req)?;
+        // Build the automaton under the store's read lock, walk /proc without it.
         let broker = Arc::clone(&self.broker);
         let report = tokio::task::spawn_blocking(move || {
-            broker
+            let scanner = broker
                 .store
-                .with_all(|all| scan::scan(&broker.proc, all.iter().copied()))
+                .with_all(|all| scan::Scanner::new(all.iter().copied()));
+            scanner.run(&broker.proc)
         })
         .await
         .map_err(|e| Status::internal(format!("scan failed: {e}")))?;
