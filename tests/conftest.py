@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 from harness import (
     DEFAULT_SCOPES,
     Binaries,
     Broker,
+    BrokerFactory,
     HostSecrets,
     Launcher,
     Processes,
@@ -20,8 +21,6 @@ from harness import (
     client_source_dir,
     find_bin_dir,
 )
-
-BrokerFactory = Callable[..., Broker]
 
 
 def _missing(what: str) -> None:

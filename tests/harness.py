@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -386,6 +386,9 @@ def broker_config(sandbox: Sandbox, scopes: Sequence[Scope], admin_uids: Sequenc
         lines += [f"{key} = {_toml_value(value)}" for key, value in scope.matchers.items()]
         lines.append(f"secrets = {_toml_value(scope.secrets)}")
     return "\n".join(lines) + "\n"
+
+
+BrokerFactory = Callable[..., "Broker"]  # the make_broker fixture: make(scopes=, admin_uids=)
 
 
 class BrokerError(RuntimeError):

@@ -46,6 +46,7 @@ def test_registration_state_is_root_only(broker: Broker, launcher: Launcher) -> 
     worker = launcher.worker(function="orders")
     assert worker.whoami()["function"] == "orders"
     others = [p for p in broker.socket.parent.iterdir() if p != broker.socket]
+    assert others, "no registration state file beside the socket"
     for path in others:
         info = os.lstat(path)
         assert info.st_uid == 0, f"{path} is not root-owned"
