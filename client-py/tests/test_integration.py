@@ -245,16 +245,15 @@ def test_get_succeeds_across_a_broker_restart(fresh_broker: Broker) -> None:
     assert handler.retrying.is_set()
 
 
-def test_default_retry_covers_a_one_second_restart(fresh_broker: Broker) -> None:
-    """What the e2e suite relies on: the default budget outlasts a ~1 s broker restart."""
+def test_first_get_after_a_restart_succeeds_with_the_default_retry(fresh_broker: Broker) -> None:
+    """The channel saw its broker die; once a new one is up, the next get goes through (the
+    lowered reconnect backoff lets the default retry reach it)."""
     client = secretd.Client(fresh_broker.socket)
     assert client.get("APP_PUBLIC")
     fresh_broker.stop_process(9)
-    started = time.monotonic()
+    with pytest.raises(secretd.Unavailable):
+        secretd.Client(fresh_broker.socket, retry=Retry(total=0)).get("APP_PUBLIC")
     fresh_broker.start()
-    restart_took = time.monotonic() - started
-    if restart_took > 1.5:
-        pytest.skip(f"the broker took {restart_took:.1f} s to restart on this machine")
     assert client.get("APP_PUBLIC")
     client.close()
 
