@@ -89,11 +89,13 @@ def test_out_of_scope_is_denied_whether_or_not_it_exists(broker: Broker) -> None
 def test_module_functions_use_secretd_socket(broker: Broker) -> None:
     code = (
         "import secretd, json; print(json.dumps([secretd.get('APP_DB'), secretd.list(),"
-        " secretd.whoami().scopes, secretd.get_many(['APP_PUBLIC'])]))"
+        " secretd.whoami().scopes, secretd.get_many(['APP_PUBLIC']),"
+        " next(secretd.watch('APP_PUBLIC'))]))"
     )
     done = run_python(code, broker.socket)
     assert done.returncode == 0, done.stderr
-    value, names, scopes, many = json.loads(done.stdout)
+    value, names, scopes, many, watched = json.loads(done.stdout)
+    assert watched == SECRETS["APP_PUBLIC"]
     assert value == DB
     assert "APP_DB" in names
     assert scopes == ["tests"]
