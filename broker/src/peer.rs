@@ -140,7 +140,9 @@ impl Peer {
         }
         self.starttime = stat.starttime;
         self.groups = status.groups;
-        self.exe = Some(proc.exe(self.pid).map_err(|e| e.to_string())?);
+        // `exe` needs ptrace-level access (CAP_SYS_PTRACE for other uids). Unreadable means
+        // unknown: `exe =` scopes then never match (fail closed), other matchers still apply.
+        self.exe = proc.exe(self.pid).ok();
         let mut ppid = stat.ppid;
         while ppid > 1 && self.ancestors.len() < MAX_ANCESTORS {
             // An ancestor that vanished ends the chain: it can no longer vouch for anyone.
