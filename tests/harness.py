@@ -336,6 +336,16 @@ class Sandbox:
         os.chown(home, uid, uid)
         return home
 
+    def public_bins(self, bins: Binaries) -> Binaries:
+        """Copies other uids can execute (the repo itself may not be traversable for them)."""
+        directory = self.root / "bin"
+        if not directory.exists():
+            make_public_dir(directory)
+            for binary in (bins.secretd, bins.shim):
+                shutil.copy2(binary, directory / binary.name)
+                (directory / binary.name).chmod(0o755)
+        return Binaries(secretd=directory / bins.secretd.name, shim=directory / bins.shim.name)
+
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 

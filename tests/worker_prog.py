@@ -5,8 +5,9 @@ the client (this file sits beside ``secretd/``, so no PYTHONPATH is needed and t
 stays exactly what the shim built). Replies never carry a value: only its SHA-256 and length,
 which is all the tests need to prove the right secret arrived.
 
-Ops: get, get_str, get_many, list, whoami, raw_get (bypasses the client), spawn (start a
-child running this same program), child (forward one op to it), exit. ``--child`` marks
+Ops: get, get_str, get_many, list, whoami, raw_get (bypasses the client), orphan (a grandchild
+that daemonizes asks who it is), spawn (start a child running this same program), child
+(forward one op to it), exit. ``--child`` marks
 the spawned copy.
 """
 
@@ -24,6 +25,38 @@ import grpc
 import secretd
 from secretd._proto import secretd_pb2 as pb
 from secretd._proto import secretd_pb2_grpc as pb_grpc
+
+# Runs as `python -c`: forks, the middle process exits, the grandchild waits until it has been
+# re-parented and then asks the broker who it is with a fresh client.
+ORPHAN = """
+import json, os, sys, time
+sys.path.insert(0, LIB)
+parent = os.getpid()
+if os.fork():
+    os._exit(0)
+while os.getppid() == parent:
+    time.sleep(0.01)
+import secretd
+out = {"pid": os.getpid(), "ppid": os.getppid()}
+me = secretd.whoami()
+out.update(function=me.function or "", scopes=list(me.scopes))
+try:
+    secretd.get("ORDERS_DB")
+    out["get"] = "ok"
+except secretd.SecretdError as exc:
+    out["get"] = type(exc).__name__
+print(json.dumps(out), flush=True)
+"""
+
+
+def orphan() -> dict[str, Any]:
+    lib = os.path.dirname(os.path.abspath(__file__))
+    script = f"LIB = {lib!r}\n{ORPHAN}"
+    done = subprocess.run(
+        [sys.executable, "-s", "-E", "-c", script], stdout=subprocess.PIPE, timeout=60, check=True
+    )
+    reply: dict[str, Any] = json.loads(done.stdout)
+    return {"ok": True, **reply}
 
 
 class Child:
@@ -109,6 +142,8 @@ class Worker:
             }
         if op == "raw_get":
             return raw_get(message["name"])
+        if op == "orphan":
+            return orphan()
         if op == "spawn":
             if self.child is None:
                 self.child = Child()
