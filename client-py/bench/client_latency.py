@@ -3,8 +3,8 @@
     .venv/bin/python client-py/bench/client_latency.py [--socket PATH] [-n 5000]
 
 Without --socket it starts a broker of its own (client-py/tests/broker_process.py; the binary
-from $SECRETD_BIN_DIR, else the newest target/ build). Three calls are timed, interleaved in
-rounds so that machine noise hits all of them alike:
+from $SECRETD_BIN_DIR, else the newest target/ build). Three calls are timed, one of each in
+turn, so that noise from the rest of the machine hits all of them alike:
 
   health   raw grpc.health.v1.Health/Check (empty request, bytes in/out): the gRPC floor
   raw-get  GetSecret through the generated stub: the floor plus the broker's own work
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import os
 import pathlib
 import sys
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import grpc
 
@@ -29,10 +30,13 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import secretd  # noqa: E402
+from secretd._common import channel_options  # noqa: E402
 from secretd._proto import secretd_pb2 as pb  # noqa: E402
 from secretd._proto import secretd_pb2_grpc as pb_grpc  # noqa: E402
 
-OPTIONS = [("grpc.default_authority", "localhost")]
+# The client's own channel options: equal options to the same target share grpcio's subchannel,
+# so all three calls travel over one connection and differ only in what they do.
+OPTIONS = channel_options()
 NAME = "APP_DB"
 
 
@@ -41,7 +45,7 @@ def percentile(samples: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1000.0  # ns -> us
 
 
-def measure(sock: str, n: int, rounds: int) -> dict[str, list[int]]:
+def measure(sock: str, n: int) -> dict[str, list[int]]:
     health_channel = grpc.insecure_channel(f"unix://{sock}", options=OPTIONS)
     check = health_channel.unary_unary(
         "/grpc.health.v1.Health/Check", request_serializer=None, response_deserializer=None
@@ -60,17 +64,17 @@ def measure(sock: str, n: int, rounds: int) -> dict[str, list[int]]:
         for _ in range(300):
             fn()
     samples: dict[str, list[int]] = {k: [] for k in calls}
-    per_round = max(1, n // rounds)
     order = list(calls)
     gc.disable()
     try:
-        for r in range(rounds):
-            for key in order[r % len(order) :] + order[: r % len(order)]:
-                fn, out = calls[key], samples[key]
-                for _ in range(per_round):
-                    t0 = time.perf_counter_ns()
-                    fn()
-                    out.append(time.perf_counter_ns() - t0)
+        # One call of each kind in turn (starting with a different kind each time), so that
+        # noise from the rest of the machine lands on all three alike.
+        for i in range(n):
+            for key in order[i % 3 :] + order[: i % 3]:
+                fn = calls[key]
+                t0 = time.perf_counter_ns()
+                fn()
+                samples[key].append(time.perf_counter_ns() - t0)
     finally:
         gc.enable()
     client.close()
@@ -83,20 +87,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", help="a running broker's socket (must serve APP_DB to you)")
     parser.add_argument("-n", type=int, default=5000, help="calls per kind (default 5000)")
-    parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
 
-    broker = None
+    broker: Any = None
     sock = args.socket
     if sock is None:
-        from broker_process import Broker
-
-        broker = Broker()
+        broker = importlib.import_module("broker_process").Broker()
         broker.start()
         sock = broker.socket
         print(f"broker: {broker.binary}", file=sys.stderr)
     try:
-        samples = measure(sock, args.n, args.rounds)
+        samples = measure(sock, args.n)
     finally:
         if broker is not None:
             broker.stop()

@@ -46,6 +46,20 @@ def resolve_socket(socket_path: PathLike | None) -> str:
 
 
 def check_name(name: object) -> str:
+    """`name` if it is a valid secret name; raises `InvalidName` (or `TypeError`) otherwise."""
+    if name.__class__ is str and name in _valid_names:
+        return name
+    _check_name(name)
+    assert isinstance(name, str)
+    if len(_valid_names) < 4096:  # a program reads a handful of names, again and again
+        _valid_names.add(name)
+    return name
+
+
+_valid_names: set[str] = set()
+
+
+def _check_name(name: object) -> None:
     """Validate a secret name as the broker does (contract: 1-256 bytes of [A-Za-z0-9_.-/], no
     leading '/', no empty or '..' segment). The message never echoes an invalid name: a value
     passed by mistake where a name belongs must not end up in a log."""
@@ -66,7 +80,6 @@ def check_name(name: object) -> str:
         raise InvalidName(f"secretd: invalid secret name ({problem}); {rule}")
     if any(seg in ("", "..") for seg in name.split("/")):
         raise InvalidName(f"secretd: invalid secret name (empty or '..' segment); {rule}")
-    return name
 
 
 def check_names(names: Iterable[str]) -> list[str]:

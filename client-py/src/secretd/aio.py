@@ -14,7 +14,7 @@ import asyncio
 import builtins
 import logging
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Iterable, Iterator
 from types import TracebackType
 from typing import Callable, Protocol, TypeVar
 
@@ -253,13 +253,17 @@ class Client:
 
     async def _call(self, rpc: str, name: str | None, fn: Callable[[], Awaitable[T]]) -> T:
         """Await `fn()`, retrying UNAVAILABLE within the retry budget; map any failure."""
-        delays = self._retry.delays()
+        delays: Iterator[float] | None = None  # made on the first failure
         retried = 0.0
         while True:
             try:
                 return await fn()
             except grpc.RpcError as err:
-                delay = next(delays, None) if errors.status_name(err) == "UNAVAILABLE" else None
+                delay = None
+                if errors.status_name(err) == "UNAVAILABLE":
+                    if delays is None:
+                        delays = self._retry.delays()
+                    delay = next(delays, None)
                 failure = None if delay is not None else self._error(err, rpc, name, retried)
             if failure is not None:
                 raise failure  # outside the except block: grpc's error is not chained on

@@ -320,13 +320,17 @@ class Client:
 
     def _call(self, rpc: str, name: str | None, fn: Callable[[], T]) -> T:
         """Run `fn`, retrying UNAVAILABLE within the retry budget; map any failure."""
-        delays = self._retry.delays()
+        delays: Iterator[float] | None = None  # made on the first failure: the fast path is bare
         retried = 0.0
         while True:
             try:
                 return fn()
             except grpc.RpcError as err:
-                delay = next(delays, None) if errors.status_name(err) == "UNAVAILABLE" else None
+                delay = None
+                if errors.status_name(err) == "UNAVAILABLE":
+                    if delays is None:
+                        delays = self._retry.delays()
+                    delay = next(delays, None)
                 failure = None if delay is not None else self._error(err, rpc, name, retried)
             if failure is not None:
                 # Raised here, outside the except block, so grpc's error is not chained on.
