@@ -8,5 +8,6 @@ pub mod v1 {
     tonic::include_proto!("secretd.v1");
 
     /// Encoded `FileDescriptorSet`, for gRPC server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("secretd_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("secretd_descriptor");
 }
