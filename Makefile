@@ -55,6 +55,7 @@ lint: venv
 	$(VENV)/bin/ruff check client-py tests
 	$(VENV)/bin/ruff format --check client-py tests
 	$(VENV)/bin/mypy --strict client-py/src tests
+	$(VENV)/bin/mypy --strict client-py/tests
 
 demo: build venv
 	$(PY) demo/demo.py
