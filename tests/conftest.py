@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import pytest
 from harness import (
@@ -76,10 +77,14 @@ def make_broker(
 ) -> Iterator[BrokerFactory]:
     started: list[Broker] = []
 
-    def make(scopes: Sequence[Scope] = DEFAULT_SCOPES, admin_uids: Sequence[int] = (0,)) -> Broker:
+    def make(
+        scopes: Sequence[Scope] = DEFAULT_SCOPES,
+        admin_uids: Sequence[int] = (0,),
+        files_dirs: Sequence[Path] = (),
+    ) -> Broker:
         sandbox.run_dir.mkdir(mode=0o755, exist_ok=True)
         sandbox.run_dir.chmod(0o755)
-        sandbox.config.write_text(broker_config(sandbox, scopes, admin_uids))
+        sandbox.config.write_text(broker_config(sandbox, scopes, admin_uids, files_dirs))
         broker = Broker(bins, sandbox, processes, host_secrets.host_environment())
         broker.start()
         started.append(broker)

@@ -380,7 +380,12 @@ def _toml_value(value: str | int | list[str] | list[int]) -> str:
     return "[" + ", ".join(_toml_value(v) for v in value) + "]"
 
 
-def broker_config(sandbox: Sandbox, scopes: Sequence[Scope], admin_uids: Sequence[int]) -> str:
+def broker_config(
+    sandbox: Sandbox,
+    scopes: Sequence[Scope],
+    admin_uids: Sequence[int],
+    files_dirs: Sequence[Path] = (),
+) -> str:
     lines = [
         "[server]",
         f"socket = {_toml_value(str(sandbox.socket))}",
@@ -391,6 +396,8 @@ def broker_config(sandbox: Sandbox, scopes: Sequence[Scope], admin_uids: Sequenc
         "[sources.env]",
         'include = ["ORDERS_*", "BILLING_*", "SHARED_*"]',
     ]
+    if files_dirs:
+        lines += ["", "[sources.files]", f"dirs = {_toml_value([str(d) for d in files_dirs])}"]
     for scope in scopes:
         lines += ["", "[[scope]]", f"name = {_toml_value(scope.name)}"]
         lines += [f"{key} = {_toml_value(value)}" for key, value in scope.matchers.items()]
@@ -398,7 +405,7 @@ def broker_config(sandbox: Sandbox, scopes: Sequence[Scope], admin_uids: Sequenc
     return "\n".join(lines) + "\n"
 
 
-BrokerFactory = Callable[..., "Broker"]  # the make_broker fixture: make(scopes=, admin_uids=)
+BrokerFactory = Callable[..., "Broker"]  # make_broker: make(scopes=, admin_uids=, files_dirs=)
 
 
 class BrokerError(RuntimeError):

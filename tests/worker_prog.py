@@ -6,8 +6,8 @@ stays exactly what the shim built). Replies never carry a value: only its SHA-25
 which is all the tests need to prove the right secret arrived.
 
 Ops: get, get_str, get_many, list, whoami, raw_get (bypasses the client), orphan (a grandchild
-that daemonizes asks who it is), spawn (start a child running this same program), child
-(forward one op to it), exit. ``--child`` marks
+that daemonizes asks who it is), watch/watch_next (follow a WatchSecret stream), spawn (start a
+child running this same program), child (forward one op to it), exit. ``--child`` marks
 the spawned copy.
 """
 
@@ -16,8 +16,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import grpc
@@ -107,10 +109,35 @@ def raw_get(name: str) -> dict[str, Any]:
     return {"ok": True, **digest(secret.value)}
 
 
+class Watch:
+    """One WatchSecret stream, followed in a thread; each event waits in a queue."""
+
+    def __init__(self, client: secretd.Client, name: str) -> None:
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.client = client
+        self.name = name
+        threading.Thread(target=self.follow, daemon=True).start()
+
+    def follow(self) -> None:
+        try:
+            for value in self.client.watch_bytes(self.name):
+                self.events.put({"ok": True, **digest(value)})
+            self.events.put({"ok": False, "error": "WatchEnded", "message": "stream ended"})
+        except secretd.SecretdError as exc:
+            self.events.put({"ok": False, "error": type(exc).__name__, "message": str(exc)})
+
+    def next(self, timeout: float) -> dict[str, Any]:
+        try:
+            return self.events.get(timeout=timeout)
+        except queue.Empty:
+            return {"ok": False, "error": "NoEvent", "message": f"nothing within {timeout}s"}
+
+
 class Worker:
     def __init__(self) -> None:
         self._client: secretd.Client | None = None
         self.child: Child | None = None
+        self.watches: dict[str, Watch] = {}
 
     @property
     def client(self) -> secretd.Client:
@@ -144,6 +171,11 @@ class Worker:
             return raw_get(message["name"])
         if op == "orphan":
             return orphan()
+        if op == "watch":
+            self.watches[message["name"]] = Watch(self.client, message["name"])
+            return {"ok": True}
+        if op == "watch_next":
+            return self.watches[message["name"]].next(float(message.get("timeout", 20.0)))
         if op == "spawn":
             if self.child is None:
                 self.child = Child()
