@@ -673,7 +673,11 @@ class Launcher:
         return [*argv, *extra, "--", *program]
 
     def popen(
-        self, argv: Sequence[str], name: str, extra_env: Mapping[str, str] | None = None
+        self,
+        argv: Sequence[str],
+        name: str,
+        extra_env: Mapping[str, str] | None = None,
+        **kwargs: Any,
     ) -> tuple[subprocess.Popen[bytes], Path]:
         self.counter += 1
         stderr_path = self.sandbox.root / f"{name}-{self.counter}.stderr"
@@ -686,12 +690,16 @@ class Launcher:
                 # A host-like parent: the shim itself starts with every secret in its environment.
                 env={**self.host_env, **(extra_env or {})},
                 cwd="/",
+                **kwargs,
             )
         return proc, stderr_path
 
-    def worker(self, *, uid: int | None = WORKER_UID, function: str | None = "orders") -> Worker:
+    def worker(
+        self, *, uid: int | None = WORKER_UID, function: str | None = "orders", **kwargs: Any
+    ) -> Worker:
+        """kwargs go to Popen (e.g. pass_fds, preexec_fn: what the host leaks into the shim)."""
         argv = self.shim_argv(self.staged.argv("worker_prog.py"), uid=uid, function=function)
-        proc, stderr_path = self.popen(argv, "worker")
+        proc, stderr_path = self.popen(argv, "worker", **kwargs)
         return Worker(proc, stderr_path)
 
     def worker_via(self, argv: Sequence[str], extra_env: Mapping[str, str]) -> Worker:

@@ -6,9 +6,9 @@ stays exactly what the shim built). Replies never carry a value: only its SHA-25
 which is all the tests need to prove the right secret arrived.
 
 Ops: get, get_str, get_many, list, whoami, raw_get (bypasses the client), orphan (a grandchild
-that daemonizes asks who it is), watch/watch_next (follow a WatchSecret stream), spawn (start a
-child running this same program), child (forward one op to it), exit. ``--child`` marks
-the spawned copy.
+that daemonizes asks who it is), fds (open descriptors), watch/watch_next (follow a WatchSecret
+stream), spawn (start a child running this same program), child (forward one op to it), exit.
+``--child`` marks the spawned copy.
 """
 
 from __future__ import annotations
@@ -171,6 +171,14 @@ class Worker:
             return raw_get(message["name"])
         if op == "orphan":
             return orphan()
+        if op == "fds":
+            fds = {}
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+                except OSError:  # the directory listing's own fd, closed by now
+                    continue
+            return {"ok": True, "fds": fds}
         if op == "watch":
             self.watches[message["name"]] = Watch(self.client, message["name"])
             return {"ok": True}
