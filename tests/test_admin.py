@@ -4,6 +4,8 @@ that leaves the registered worker's process tree (daemonizes) no longer counts a
 
 from __future__ import annotations
 
+import json
+
 from harness import (
     INTRUDER_UID,
     WORKER_UID,
@@ -13,6 +15,7 @@ from harness import (
     Sandbox,
     needs_root,
     run_as,
+    wait_until,
 )
 
 pytestmark = needs_root
@@ -66,3 +69,18 @@ def test_a_descendant_that_daemonizes_loses_the_function(
     # The worker itself keeps its function.
     assert worker.whoami()["function"] == "orders"
     worker.exit()
+
+
+def registered_workers(broker: Broker) -> int:
+    result = broker.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    return int(json.loads(result.stdout)["registered_workers"])
+
+
+def test_a_registration_ends_when_the_worker_exits(broker: Broker, launcher: Launcher) -> None:
+    assert registered_workers(broker) == 0
+    worker = launcher.worker(function="orders")
+    assert worker.whoami()["function"] == "orders"
+    assert registered_workers(broker) == 1
+    worker.exit()
+    wait_until(lambda: registered_workers(broker) == 0, 30, "the registration to end")
