@@ -40,7 +40,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::name::is_name_byte;
+use crate::name::{SecretName, is_name_byte};
 use crate::policy::{Matcher, Policy, Scope, secret_glob};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/secretd/secretd.toml";
@@ -61,6 +61,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub env: EnvSource,
     pub files: FileSource,
+    /// `[sources.openbao]` (or `[sources.vault]`): KV v2 secrets fetched over HTTPS.
+    pub openbao: Option<OpenBaoSource>,
     pub policy: Policy,
     pub limits: Limits,
     pub log: LogConfig,
@@ -149,6 +151,83 @@ pub struct FileSource {
     pub dirs: Vec<PathBuf>,
 }
 
+/// `[sources.openbao]`: secrets read from an OpenBao/Vault KV v2 mount over HTTPS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenBaoSource {
+    /// The section as written, `"openbao"` or `"vault"` (for messages).
+    pub section: &'static str,
+    pub address: OpenBaoAddress,
+    /// PEM file of the CA certificate(s) that sign the server's certificate; nothing else is
+    /// trusted.
+    pub ca_file: PathBuf,
+    /// KV v2 mount, without slashes (`secret`).
+    pub mount: String,
+    pub refresh: Duration,
+    /// The first fetch must succeed for start-up to go on.
+    pub required: bool,
+    pub auth: OpenBaoAuth,
+    /// `NAME = "PATH#KEY"`, sorted by name.
+    pub secrets: Vec<OpenBaoMapping>,
+}
+
+/// `https://HOST[:PORT]`: the host is what the certificate must name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenBaoAddress {
+    /// As written, without a trailing `/` (shown in messages).
+    pub url: String,
+    /// Host name or IP address literal (IPv6 without brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub enum OpenBaoAuth {
+    /// `auth/<mount>/login` with a role id (in the config) and a secret id (in a root-only file).
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id_file: PathBuf,
+    },
+    /// A token read from a root-only file (re-read when it stops working).
+    Token { token_file: PathBuf },
+}
+
+impl std::fmt::Debug for OpenBaoAuth {
+    // The role id is an identifier, not a secret, but it has no business in logs either.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenBaoAuth::AppRole {
+                mount,
+                secret_id_file,
+                ..
+            } => f
+                .debug_struct("AppRole")
+                .field("mount", mount)
+                .field("secret_id_file", secret_id_file)
+                .finish_non_exhaustive(),
+            OpenBaoAuth::Token { token_file } => f
+                .debug_struct("Token")
+                .field("token_file", token_file)
+                .finish(),
+        }
+    }
+}
+
+/// One secret of the OpenBao source: `name = "path#key"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpenBaoMapping {
+    pub name: SecretName,
+    pub path: String,
+    pub key: String,
+}
+
+impl OpenBaoSource {
+    /// Whether `name` is one of this source's secrets.
+    pub fn maps(&self, name: &SecretName) -> bool {
+        self.secrets.iter().any(|m| &m.name == name)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
@@ -221,6 +300,7 @@ impl Config {
             },
             env: EnvSource::default(),
             files: FileSource::default(),
+            openbao: None,
             policy: Policy::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
@@ -297,6 +377,32 @@ impl Config {
                 join(self.files.dirs.iter().map(|d| d.display()))
             )
         };
+        if let Some(o) = &self.openbao {
+            let auth = match &o.auth {
+                OpenBaoAuth::AppRole {
+                    mount,
+                    secret_id_file,
+                    ..
+                } => format!(
+                    "approle at auth/{mount} (secret_id_file {})",
+                    secret_id_file.display()
+                ),
+                OpenBaoAuth::Token { token_file } => {
+                    format!("token (token_file {})", token_file.display())
+                }
+            };
+            let _ = writeln!(
+                out,
+                "{} source: {} (ca_file {}), KV v2 mount {:?}, {} secrets, refresh {}, {}, auth {auth}",
+                o.section,
+                o.address.url,
+                o.ca_file.display(),
+                o.mount,
+                o.secrets.len(),
+                humantime::format_duration(o.refresh),
+                if o.required { "required" } else { "optional" },
+            );
+        }
         let scopes = self.policy.scopes();
         if scopes.is_empty() {
             let _ = writeln!(out, "no scopes: every read is denied");
@@ -372,6 +478,30 @@ struct RawServer {
 struct RawSources {
     env: Option<RawEnv>,
     files: Option<RawFiles>,
+    openbao: Option<Spanned<RawOpenBao>>,
+    vault: Option<Spanned<RawOpenBao>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpenBao {
+    address: Spanned<String>,
+    ca_file: Spanned<String>,
+    mount: Option<Spanned<String>>,
+    refresh: Option<Spanned<String>>,
+    required: Option<bool>,
+    auth: Spanned<RawOpenBaoAuth>,
+    secrets: Spanned<std::collections::BTreeMap<String, Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOpenBaoAuth {
+    method: Spanned<String>,
+    role_id: Option<Spanned<String>>,
+    secret_id_file: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
+    mount: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -451,7 +581,21 @@ impl RawConfig {
         let sources = self.sources.unwrap_or(RawSources {
             env: None,
             files: None,
+            openbao: None,
+            vault: None,
         });
+        config.openbao = match (sources.openbao, sources.vault) {
+            (Some(_), Some(v)) => {
+                return Err(doc.error_at(
+                    v.span(),
+                    "give [sources.openbao] or [sources.vault] (the same source), not both"
+                        .to_owned(),
+                ));
+            }
+            (Some(raw), None) => Some(raw.into_inner().validate(doc, "openbao")?),
+            (None, Some(raw)) => Some(raw.into_inner().validate(doc, "vault")?),
+            (None, None) => None,
+        };
         if let Some(env) = sources.env {
             let at = "in [sources.env]";
             let include = match env.include {
@@ -542,6 +686,261 @@ impl RawConfig {
         }
         Ok(config)
     }
+}
+
+/// Shortest `refresh` accepted: a tighter loop would only load the server.
+pub const MIN_OPENBAO_REFRESH: Duration = Duration::from_secs(1);
+
+impl RawOpenBao {
+    fn validate(self, doc: &Doc<'_>, section: &'static str) -> Result<OpenBaoSource, ConfigError> {
+        let at = format!("in [sources.{section}]");
+        let at = at.as_str();
+        let address = openbao_address(self.address.get_ref())
+            .map_err(|m| doc.err(&self.address, "address", at, m))?;
+        let ca_file = absolute_path(self.ca_file.get_ref())
+            .and_then(|p| check_ca_file(&p).map(|()| p))
+            .map_err(|m| doc.err(&self.ca_file, "ca_file", at, m))?;
+        let mount = match &self.mount {
+            Some(m) => {
+                kv_segment_path(m.get_ref()).map_err(|e| doc.err(m, "mount", at, e))?;
+                m.get_ref().clone()
+            }
+            None => "secret".to_owned(),
+        };
+        let refresh = match &self.refresh {
+            Some(r) => {
+                let d = humantime::parse_duration(r.get_ref()).map_err(|e| {
+                    doc.err(
+                        r,
+                        "refresh",
+                        at,
+                        format!("expected a duration such as \"30s\" or \"5m\" ({e})"),
+                    )
+                })?;
+                if d < MIN_OPENBAO_REFRESH {
+                    return Err(doc.err(r, "refresh", at, "must be at least 1s"));
+                }
+                d
+            }
+            None => Duration::from_secs(30),
+        };
+        let auth = self.auth.into_inner().validate(doc, section)?;
+        if self.secrets.get_ref().is_empty() {
+            return Err(doc.err(
+                &self.secrets,
+                "secrets",
+                at,
+                "is empty: map at least one NAME = \"PATH#KEY\"",
+            ));
+        }
+        let at_secrets = format!("in [sources.{section}.secrets]");
+        let mut secrets = Vec::new();
+        for (name, target) in self.secrets.into_inner() {
+            let key_name = name.as_str();
+            let secret_name = SecretName::parse(key_name).map_err(|e| {
+                doc.err(
+                    &target,
+                    key_name,
+                    &at_secrets,
+                    format!("not a valid secret name: {e}"),
+                )
+            })?;
+            let (path, key) = target
+                .get_ref()
+                .split_once('#')
+                .ok_or("expected \"PATH#KEY\" (the key inside the KV secret after `#`)".to_owned())
+                .and_then(|(path, key)| {
+                    kv_segment_path(path)?;
+                    if key.is_empty() {
+                        return Err("the KEY after `#` is empty".to_owned());
+                    }
+                    Ok((path.to_owned(), key.to_owned()))
+                })
+                .map_err(|m| doc.err(&target, key_name, &at_secrets, m))?;
+            secrets.push(OpenBaoMapping {
+                name: secret_name,
+                path,
+                key,
+            });
+        }
+        Ok(OpenBaoSource {
+            section,
+            address,
+            ca_file,
+            mount,
+            refresh,
+            required: self.required.unwrap_or(true),
+            auth,
+            secrets,
+        })
+    }
+}
+
+impl RawOpenBaoAuth {
+    fn validate(self, doc: &Doc<'_>, section: &'static str) -> Result<OpenBaoAuth, ConfigError> {
+        let at = format!("in [sources.{section}.auth]");
+        let at = at.as_str();
+        let not_for = |v: &Option<Spanned<String>>, key: &str, method: &str| match v {
+            Some(v) => Err(doc.err(v, key, at, format!("is not used by method = \"{method}\""))),
+            None => Ok(()),
+        };
+        let credential = |v: &Spanned<String>, key: &str| {
+            absolute_path(v.get_ref())
+                .and_then(|p| check_credential_file(&p).map(|()| p))
+                .map_err(|m| doc.err(v, key, at, m))
+        };
+        match self.method.get_ref().as_str() {
+            "approle" => {
+                not_for(&self.token_file, "token_file", "approle")?;
+                let role_id = self.role_id.ok_or_else(|| {
+                    doc.err(&self.method, "method", at, "\"approle\" needs `role_id`")
+                })?;
+                if role_id.get_ref().trim().is_empty() {
+                    return Err(doc.err(&role_id, "role_id", at, "must not be empty"));
+                }
+                let file = self.secret_id_file.ok_or_else(|| {
+                    doc.err(
+                        &self.method,
+                        "method",
+                        at,
+                        "\"approle\" needs `secret_id_file`",
+                    )
+                })?;
+                let mount = match &self.mount {
+                    Some(m) => {
+                        kv_segment_path(m.get_ref()).map_err(|e| doc.err(m, "mount", at, e))?;
+                        m.get_ref().clone()
+                    }
+                    None => "approle".to_owned(),
+                };
+                Ok(OpenBaoAuth::AppRole {
+                    mount,
+                    role_id: role_id.into_inner(),
+                    secret_id_file: credential(&file, "secret_id_file")?,
+                })
+            }
+            "token" => {
+                not_for(&self.role_id, "role_id", "token")?;
+                not_for(&self.secret_id_file, "secret_id_file", "token")?;
+                not_for(&self.mount, "mount", "token")?;
+                let file = self.token_file.ok_or_else(|| {
+                    doc.err(&self.method, "method", at, "\"token\" needs `token_file`")
+                })?;
+                Ok(OpenBaoAuth::Token {
+                    token_file: credential(&file, "token_file")?,
+                })
+            }
+            _ => Err(doc.err(
+                &self.method,
+                "method",
+                at,
+                "expected \"approle\" or \"token\"",
+            )),
+        }
+    }
+}
+
+/// `https://HOST[:PORT][/]`. Plain `http://` is refused: verification is always on.
+fn openbao_address(s: &str) -> Result<OpenBaoAddress, String> {
+    let Some(rest) = s.strip_prefix("https://") else {
+        return Err(
+            "must start with https:// (TLS with certificate verification is always on)".to_owned(),
+        );
+    };
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
+        return Err("expected https://HOST or https://HOST:PORT, with no path".to_owned());
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (host, after) = v6
+            .split_once(']')
+            .ok_or("unclosed `[` in an IPv6 address".to_owned())?;
+        (host, after.strip_prefix(':'))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return Err("no host name".to_owned());
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or(format!("invalid port {p:?}"))?,
+        None => 443,
+    };
+    Ok(OpenBaoAddress {
+        url: format!("https://{authority}"),
+        host: host.to_owned(),
+        port,
+    })
+}
+
+/// A mount or KV path: `a/b/c`, no empty, `.` or `..` segment, no leading or trailing `/`.
+fn kv_segment_path(s: &str) -> Result<(), String> {
+    if s.is_empty() {
+        return Err("must not be empty".to_owned());
+    }
+    if s.split('/')
+        .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return Err(format!(
+            "{s:?} must be a path like \"apps/orders\": no leading, trailing or double `/`, no `.` or `..`"
+        ));
+    }
+    if s.chars().any(|c| c.is_control() || c == '#' || c == '?') {
+        return Err(format!(
+            "{s:?} must not contain control characters, `#` or `?`"
+        ));
+    }
+    Ok(())
+}
+
+fn check_ca_file(path: &Path) -> Result<(), String> {
+    let pem = fs::read(path).map_err(|e| format!("failed to read {}: {e}", path.display()))?;
+    let mut count = 0;
+    for cert in
+        <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::pem_slice_iter(
+            &pem,
+        )
+    {
+        cert.map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+        count += 1;
+    }
+    if count == 0 {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(())
+}
+
+/// A file holding a credential: a regular file owned by root (or by the broker's own uid, for
+/// an unprivileged broker), not accessible to group or others.
+pub fn check_credential_file(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).map_err(|e| format!("failed to read {}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", path.display()));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != me {
+        return Err(format!(
+            "{} is owned by uid {}: a credential file must be owned by root",
+            path.display(),
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {:04o}: a credential file must not be accessible to group or others (chmod 0600)",
+            path.display(),
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 impl RawScope {
@@ -1000,8 +1399,8 @@ mod tests {
              "1:8: unclosed table, expected `]`"),
             ("[server]\nsocket = \"/a\"\nsocket = \"/b\"\n",
              "3:1: duplicate key `socket`"),
-            ("[sources.openbao]\naddress = \"https://x\"\n",
-             "1:10: unknown key `openbao` in [sources], expected `env` or `files`"),
+            ("[sources.consul]\naddress = \"https://x\"\n",
+             "1:10: unknown key `consul` in [sources], expected one of `env`, `files`, `openbao`, `vault`"),
             ("[sources.env]\ninclude = [\"A\"]\nbogus = 1\n",
              "3:1: unknown key `bogus` in [sources.env], expected `include` or `exclude`"),
             ("[sources]\nenv = { include = [\"é\"], bogus = 1 }\n",

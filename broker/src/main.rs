@@ -17,6 +17,7 @@ use secretd::{
     audit::AuditLog,
     client,
     config::{Config, DEFAULT_CONFIG_PATH, LogFormat},
+    filewatch, openbao,
     procfs::ProcFs,
     registry::Registry,
     scrub,
@@ -201,29 +202,55 @@ fn serve(
         .transpose()?;
     let audit = AuditLog::open(&config.server.audit_log)
         .with_context(|| format!("failed to open the audit log {:?}", config.server.audit_log))?;
-    // 5. Socket, then the runtime.
-    let listener = bind_socket(&socket, config.server.socket_mode)?;
-    tracing::info!(
-        secrets = store.len(),
-        scopes = config.policy.scopes().len(),
-        "loaded {} secrets ({} from the environment, {} from files)",
-        store.len(),
-        store
-            .count_by_origin()
-            .get(&Origin::Env)
-            .copied()
-            .unwrap_or(0),
-        store
-            .count_by_origin()
-            .get(&Origin::File)
-            .copied()
-            .unwrap_or(0),
-    );
+    // 5. The runtime (its threads start only now, after the wipe and the hardening), the
+    // OpenBao start-up fetch, the socket. Every mapped secret is fetched before the socket is
+    // bound (so before READY): a failed required fetch exits non-zero with the cause and never
+    // touches the socket path.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("secretd")
         .build()
         .context("failed to start the async runtime")?;
+    let (openbao_client, openbao_first) = match &config.openbao {
+        Some(cfg) => {
+            let (client, fetched) =
+                runtime
+                    .block_on(openbao::initial_fetch(cfg))
+                    .with_context(|| {
+                        format!(
+                            "[sources.{}] start-up fetch from {} failed (required = true)",
+                            cfg.section, cfg.address.url
+                        )
+                    })?;
+            let first = if fetched.failures.is_empty() {
+                Ok(())
+            } else {
+                Err(fetched
+                    .failures
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "))
+            };
+            for (name, value) in fetched.values {
+                store.put(name, value, Origin::OpenBao);
+            }
+            (Some(client), Some(first))
+        }
+        None => (None, None),
+    };
+    let listener = bind_socket(&socket, config.server.socket_mode)?;
+    let counts = store.count_by_origin();
+    let count = |o: Origin| counts.get(&o).copied().unwrap_or(0);
+    tracing::info!(
+        secrets = store.len(),
+        scopes = config.policy.scopes().len(),
+        "loaded {} secrets ({} from the environment, {} from files, {} from OpenBao)",
+        store.len(),
+        count(Origin::Env),
+        count(Origin::File),
+        count(Origin::OpenBao),
+    );
     let origin = ConfigOrigin {
         path,
         explicit,
@@ -240,6 +267,13 @@ fn serve(
         ));
         broker.note_source("env", Ok(()));
         broker.note_source("files", Ok(()));
+        let openbao_ok = openbao_first.as_ref().is_none_or(Result::is_ok);
+        if let Some(first) = openbao_first {
+            broker.note_source(openbao::SOURCE, first);
+        }
+        let handle = openbao::Worker::new(openbao_client, openbao_ok).spawn(Arc::clone(&broker));
+        broker.set_openbao(handle);
+        filewatch::spawn(Arc::clone(&broker));
         spawn_reload_on_sighup(Arc::clone(&broker))?;
         let outcome = server::serve(Arc::clone(&broker), listener, stop_signal()?, ready).await;
         broker.audit.flush();

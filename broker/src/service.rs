@@ -456,7 +456,7 @@ impl Admin for AdminService {
         let counts = b.store.count_by_origin();
         let health = b.source_health();
         let mut sources = Vec::new();
-        for origin in [Origin::Env, Origin::File, Origin::Admin] {
+        for origin in b.status_origins() {
             let h = health.get(origin.as_str()).cloned().unwrap_or_default();
             sources.push(pb::SourceStatus {
                 name: origin.as_str().to_owned(),

@@ -47,6 +47,26 @@ pub enum SourceError {
     },
     #[error("source task failed: {0}")]
     Task(String),
+    #[error("OpenBao: {0}")]
+    OpenBao(String),
+}
+
+/// Drop the secrets whose names `[sources.openbao]` maps: that source wins, with a warning, so
+/// two sources never fight over one name (each refresh would flip its value and version).
+pub fn without_openbao(config: &crate::config::Config, secrets: Secrets, what: &str) -> Secrets {
+    let Some(o) = &config.openbao else {
+        return secrets;
+    };
+    secrets
+        .into_iter()
+        .filter(|(name, _)| {
+            let mapped = o.maps(name);
+            if mapped {
+                tracing::warn!(name = %name, "secret from {what} is ignored: [sources.{}] maps the same name", o.section);
+            }
+            !mapped
+        })
+        .collect()
 }
 
 /// Keep the selected variables as secrets; drop (zeroize) the rest.

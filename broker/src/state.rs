@@ -5,7 +5,7 @@ use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
     sync::{
-        Arc, Mutex, RwLock,
+        Arc, Mutex, OnceLock, RwLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Instant, SystemTime},
@@ -17,6 +17,7 @@ use crate::{
     audit::AuditLog,
     config::{Config, ConfigError},
     name::SecretName,
+    openbao,
     peer::{Cached, Peer},
     policy::{Caller, Grant},
     procfs::ProcFs,
@@ -68,6 +69,8 @@ pub struct Broker {
     pub started: Instant,
     sources: Mutex<BTreeMap<&'static str, SourceHealth>>,
     reload_lock: tokio::sync::Mutex<()>,
+    /// The `[sources.openbao]` worker, once started (see [`Broker::set_openbao`]).
+    openbao: OnceLock<openbao::Handle>,
 }
 
 /// A verified caller, with the config snapshot its grant was computed against.
@@ -127,7 +130,23 @@ impl Broker {
             started: Instant::now(),
             sources: Mutex::new(BTreeMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
+            openbao: OnceLock::new(),
         }
+    }
+
+    /// Attach the running OpenBao worker: `refresh` and `reload` reach it through this handle.
+    pub fn set_openbao(&self, handle: openbao::Handle) {
+        let _ = self.openbao.set(handle);
+    }
+
+    /// The sources Status lists: env, files and admin always; openbao when configured or when
+    /// it still holds secrets.
+    pub fn status_origins(&self) -> Vec<Origin> {
+        let mut v = vec![Origin::Env, Origin::File, Origin::Admin];
+        if self.config().openbao.is_some() || !self.store.names_of(Origin::OpenBao).is_empty() {
+            v.push(Origin::OpenBao);
+        }
+        v
     }
 
     pub fn config(&self) -> Arc<Config> {
@@ -216,12 +235,16 @@ impl Broker {
         {
             tracing::warn!("[server] socket/socket_mode changed: takes effect at restart");
         }
+        let files = sources::without_openbao(&config, files, "[sources.files]");
         self.store.replace_origin(Origin::File, files);
         self.note_source("files", Ok(()));
         let config = Arc::new(config);
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&config);
         self.policy_gen.fetch_add(1, Ordering::AcqRel);
         self.store.announce(Event::PolicyReloaded);
+        if let Some(h) = self.openbao.get() {
+            h.reconfigure();
+        }
         tracing::info!(
             scopes = config.policy.scopes().len(),
             secrets = self.store.len(),
@@ -230,38 +253,61 @@ impl Broker {
         Ok(config)
     }
 
-    /// Re-read file sources now (Admin.Refresh). `name` limits it to one secret.
-    pub async fn refresh(&self, name: Option<&SecretName>) -> Result<u64, SourceError> {
-        let dirs = self.config().files.dirs.clone();
+    /// Re-read every file source now and replace the file secrets (the inotify watcher and
+    /// `refresh` use this). On error the secrets in force are kept. Returns how many were read.
+    pub async fn reread_files(&self) -> Result<u64, SourceError> {
+        let files = self.read_files().await?;
+        let n = files.len() as u64;
+        self.store.replace_origin(Origin::File, files);
+        Ok(n)
+    }
+
+    async fn read_files(&self) -> Result<sources::Secrets, SourceError> {
+        let config = self.config();
+        let dirs = config.files.dirs.clone();
         let files = tokio::task::spawn_blocking(move || sources::read_files(&dirs))
             .await
             .map_err(|e| SourceError::Task(e.to_string()))?;
-        let files = match files {
-            Ok(f) => f,
+        match files {
+            Ok(f) => {
+                self.note_source("files", Ok(()));
+                Ok(sources::without_openbao(&config, f, "[sources.files]"))
+            }
             Err(e) => {
                 self.note_source("files", Err(e.to_string()));
-                return Err(e);
+                Err(e)
             }
-        };
-        self.note_source("files", Ok(()));
-        let count = match name {
-            Some(name) => {
-                let mut n = 0;
-                for (k, v) in files {
-                    if &k == name {
-                        self.store.put(k, v, Origin::File);
-                        n += 1;
-                    }
+        }
+    }
+
+    /// Re-read sources now (Admin.Refresh): the file directories and the OpenBao source, or
+    /// only the source that provides `name`. Returns how many secrets were read.
+    pub async fn refresh(&self, name: Option<&SecretName>) -> Result<u64, SourceError> {
+        let openbao = self.openbao.get();
+        let config = self.config();
+        if let Some(name) = name {
+            if let (Some(h), Some(o)) = (openbao, &config.openbao)
+                && o.maps(name)
+            {
+                return h
+                    .refresh(Some(name.clone()))
+                    .await
+                    .map_err(SourceError::OpenBao);
+            }
+            let mut n = 0;
+            for (k, v) in self.read_files().await? {
+                if &k == name {
+                    self.store.put(k, v, Origin::File);
+                    n += 1;
                 }
-                n
             }
-            None => {
-                let n = files.len() as u64;
-                self.store.replace_origin(Origin::File, files);
-                n
-            }
-        };
-        Ok(count)
+            return Ok(n);
+        }
+        let mut n = self.reread_files().await?;
+        if let (Some(h), Some(_)) = (openbao, &config.openbao) {
+            n += h.refresh(None).await.map_err(SourceError::OpenBao)?;
+        }
+        Ok(n)
     }
 
     pub fn note_source(&self, source: &'static str, result: Result<(), String>) {
@@ -297,7 +343,9 @@ pub fn initial_secrets(
     env: Vec<(String, SecretBox<[u8]>)>,
 ) -> Result<(Secrets, Secrets), SourceError> {
     let env = sources::select_env(&config.env, env);
+    let env = sources::without_openbao(config, env, "[sources.env]");
     let files = sources::read_files(&config.files.dirs)?;
+    let files = sources::without_openbao(config, files, "[sources.files]");
     Ok((env, files))
 }
 

@@ -31,6 +31,8 @@ pub enum Origin {
     Env,
     File,
     Admin,
+    /// `[sources.openbao]` (or its alias `[sources.vault]`).
+    OpenBao,
 }
 
 impl Origin {
@@ -39,6 +41,7 @@ impl Origin {
             Origin::Env => "env",
             Origin::File => "files",
             Origin::Admin => "admin",
+            Origin::OpenBao => "openbao",
         }
     }
 }
@@ -189,6 +192,17 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
             .keys()
             .cloned()
+            .collect()
+    }
+
+    /// Names of the secrets that came from `origin`, sorted.
+    pub fn names_of(&self, origin: Origin) -> Vec<SecretName> {
+        self.entries
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, e)| e.origin == origin)
+            .map(|(n, _)| n.clone())
             .collect()
     }
 
