@@ -1471,6 +1471,201 @@ mod tests {
         }
     }
 
+    /// A CA file and a credential file that pass the load-time checks.
+    fn openbao_files() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        // A real (self-signed, EC) certificate: the check parses the PEM.
+        fs::write(
+            &ca,
+            "-----BEGIN CERTIFICATE-----
+MIIBtTCCAVqgAwIBAgIUHSOOKsZVWJ81F4ZTmonoHONG7OYwCgYIKoZIzj0EAwIw
+FzEVMBMGA1UEAxMMVmF1bHQgRGV2IENBMB4XDTI2MTEyODE1MzcxN1oXDTM2MTEy
+NTE1MzgxN1owFzEVMBMGA1UEAxMMVmF1bHQgRGV2IENBMFkwEwYHKoZIzj0CAQYI
+KoZIzj0DAQcDQgAEhVCbpLRkzoAkxD22L7H/gJXtUOMCT4MMeTpEzATn0WsknK9h
+UNeAo6/Z2Aw7V5lmbUm1VM0aYGmNTq0OFlvKY6OBgzCBgDAOBgNVHQ8BAf8EBAMC
+AgQwHQYDVR0lBBYwFAYIKwYBBQUHAwEGCCsGAQUFBwMCMA8GA1UdEwEB/wQFMAMB
+Af8wHQYDVR0OBBYEFIK05bKMHITHHGAgC5ntGqz3zcj2MB8GA1UdIwQYMBaAFIK0
+5bKMHITHHGAgC5ntGqz3zcj2MAoGCCqGSM49BAMCA0kAMEYCIQCCfUX3Byii9RaD
+7j2WEIL+VmipHITfQc+jizGnvolcXAIhALkPW68APWzI94DbUdv6c1d6TAx3Hkts
+LTM+kZBi0wcG
+-----END CERTIFICATE-----
+",
+        )
+        .unwrap();
+        let cred = dir.path().join("secret-id");
+        fs::write(&cred, "s.secret\n").unwrap();
+        fs::set_permissions(&cred, fs::Permissions::from_mode(0o600)).unwrap();
+        (dir, ca, cred)
+    }
+
+    fn openbao_text(ca: &Path, cred: &Path, section: &str) -> String {
+        format!(
+            r#"[sources.{section}]
+address = "https://bao.internal:8200"
+ca_file = "{}"
+mount = "kv"
+refresh = "45s"
+
+[sources.{section}.auth]
+method = "approle"
+role_id = "0b9c-role"
+secret_id_file = "{}"
+
+[sources.{section}.secrets]
+ORDERS_DB = "apps/orders#connection_string"
+SHARED_CACHE = "shared/cache#url"
+"#,
+            ca.display(),
+            cred.display()
+        )
+    }
+
+    #[test]
+    fn openbao_source() {
+        let (_dir, ca, cred) = openbao_files();
+        for section in ["openbao", "vault"] {
+            let c = parse(&openbao_text(&ca, &cred, section)).unwrap();
+            let o = c.openbao.as_ref().unwrap();
+            assert_eq!(o.section, section);
+            assert_eq!(
+                o.address,
+                OpenBaoAddress {
+                    url: "https://bao.internal:8200".into(),
+                    host: "bao.internal".into(),
+                    port: 8200
+                }
+            );
+            assert_eq!(
+                (o.mount.as_str(), o.refresh),
+                ("kv", Duration::from_secs(45))
+            );
+            assert!(o.required);
+            assert_eq!(
+                o.auth,
+                OpenBaoAuth::AppRole {
+                    mount: "approle".into(),
+                    role_id: "0b9c-role".into(),
+                    secret_id_file: cred.clone()
+                }
+            );
+            assert!(
+                !format!("{:?}", o.auth).contains("0b9c-role"),
+                "Debug hides the role id"
+            );
+            let m: Vec<(&str, &str, &str)> = o
+                .secrets
+                .iter()
+                .map(|m| (m.name.as_str(), m.path.as_str(), m.key.as_str()))
+                .collect();
+            assert_eq!(
+                m,
+                [
+                    ("ORDERS_DB", "apps/orders", "connection_string"),
+                    ("SHARED_CACHE", "shared/cache", "url")
+                ]
+            );
+            assert!(c.summary().contains(&format!(
+                "{section} source: https://bao.internal:8200 (ca_file {}), KV v2 mount \"kv\", 2 secrets, refresh 45s, required, auth approle at auth/approle (secret_id_file {})\n",
+                ca.display(),
+                cred.display()
+            )));
+        }
+        let both = format!(
+            "{}\n{}",
+            openbao_text(&ca, &cred, "openbao"),
+            openbao_text(&ca, &cred, "vault")
+        );
+        assert_eq!(
+            parse(&both).unwrap_err().to_string(),
+            format!(
+                "{PATH}:15:1: give [sources.openbao] or [sources.vault] (the same source), not both"
+            )
+        );
+    }
+
+    #[test]
+    fn openbao_errors_name_file_line_column_and_key() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, ca, cred) = openbao_files();
+        let good = openbao_text(&ca, &cred, "openbao");
+        let open = dir.path().join("open-secret-id");
+        fs::write(&open, "x").unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o640)).unwrap();
+        let cases: Vec<(String, String)> = vec![
+            (
+                good.replace("https://bao.internal:8200", "http://bao:8200"),
+                "2:11: `address` in [sources.openbao]: must start with https:// (TLS with certificate verification is always on)".into(),
+            ),
+            (
+                good.replace("https://bao.internal:8200", "https://bao:0"),
+                "2:11: `address` in [sources.openbao]: invalid port \"0\"".into(),
+            ),
+            (
+                good.replace("https://bao.internal:8200", "https://bao/v1"),
+                "2:11: `address` in [sources.openbao]: expected https://HOST or https://HOST:PORT, with no path".into(),
+            ),
+            (
+                good.replace(&ca.display().to_string(), "/nonexistent/ca.pem"),
+                "3:11: `ca_file` in [sources.openbao]: failed to read /nonexistent/ca.pem: No such file or directory (os error 2)".into(),
+            ),
+            (
+                good.replace(&ca.display().to_string(), &cred.display().to_string()),
+                format!("3:11: `ca_file` in [sources.openbao]: {} holds no PEM certificate", cred.display()),
+            ),
+            (
+                good.replace("refresh = \"45s\"", "refresh = \"10ms\""),
+                "5:11: `refresh` in [sources.openbao]: must be at least 1s".into(),
+            ),
+            (
+                good.replace("method = \"approle\"", "method = \"kubernetes\""),
+                "8:10: `method` in [sources.openbao.auth]: expected \"approle\" or \"token\"".into(),
+            ),
+            (
+                good.replace(&cred.display().to_string(), &open.display().to_string()),
+                format!(
+                    "10:18: `secret_id_file` in [sources.openbao.auth]: {} has mode 0640: a credential file must not be accessible to group or others (chmod 0600)",
+                    open.display()
+                ),
+            ),
+            (
+                good.replace("role_id = \"0b9c-role\"\n", ""),
+                "8:10: `method` in [sources.openbao.auth]: \"approle\" needs `role_id`".into(),
+            ),
+            (
+                good.replace("method = \"approle\"", "method = \"token\""),
+                "9:11: `role_id` in [sources.openbao.auth]: is not used by method = \"token\"".into(),
+            ),
+            (
+                good.replace("apps/orders#connection_string", "apps/orders"),
+                "13:13: `ORDERS_DB` in [sources.openbao.secrets]: expected \"PATH#KEY\" (the key inside the KV secret after `#`)".into(),
+            ),
+            (
+                good.replace("apps/orders#connection_string", "/apps//orders#k"),
+                "13:13: `ORDERS_DB` in [sources.openbao.secrets]: \"/apps//orders\" must be a path like \"apps/orders\": no leading, trailing or double `/`, no `.` or `..`".into(),
+            ),
+            (
+                good.replace("ORDERS_DB =", "\"ORDERS DB\" ="),
+                "13:15: `ORDERS DB` in [sources.openbao.secrets]: not a valid secret name: ".into(),
+            ),
+            (
+                good.replace("mount = \"kv\"\n", "mount = \"kv\"\ntimeout = 3\n"),
+                "5:1: unknown key `timeout` in [sources.openbao], expected one of `address`, `ca_file`, `mount`, `refresh`, `required`, `auth`, `secrets`".into(),
+            ),
+        ];
+        for (text, want) in cases {
+            let got = match parse(&text) {
+                Ok(_) => panic!("accepted:\n{text}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                got.starts_with(&format!("{PATH}:{want}")),
+                "got {got}\nwant {want}\nconfig:\n{text}"
+            );
+        }
+    }
+
     #[test]
     fn column_counts_characters() {
         let err = parse("[server]\nsocket = \"/é\" \nadmin_uids = 1\n").unwrap_err();
