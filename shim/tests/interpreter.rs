@@ -21,7 +21,7 @@ impl Install {
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         for name in ["python3", "ruby"] {
-            std::fs::copy(shim_path(), dir.path().join(name)).unwrap();
+            install_shim(&dir.path().join(name));
         }
         let install = Install { dir };
         std::fs::write(install.config(), config).unwrap();

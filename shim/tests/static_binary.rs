@@ -46,7 +46,7 @@ fn image(busybox: &Path) -> tempfile::TempDir {
     for dir in ["app", "etc"] {
         std::fs::create_dir(root.path().join(dir)).unwrap();
     }
-    std::fs::copy(shim_path(), root.path().join("secretd-shim")).unwrap();
+    install_shim(&root.path().join("secretd-shim"));
     // Debian's busybox picks its applet from argv[0] when that is not "busybox", so the
     // worker keeps the name busybox: `/app/busybox env` is the worker running `env`.
     std::fs::copy(busybox, root.path().join("app/busybox")).unwrap();
@@ -125,7 +125,7 @@ fn interpreter_mode_in_a_bare_image() {
     let root = image(&busybox);
     std::fs::create_dir_all(root.path().join("usr/bin")).unwrap();
     std::fs::create_dir_all(root.path().join("etc/secretd")).unwrap();
-    std::fs::copy(shim_path(), root.path().join("usr/bin/worker")).unwrap();
+    install_shim(&root.path().join("usr/bin/worker"));
     std::fs::write(
         root.path().join("etc/secretd/shim.toml"),
         "[program.worker]\nexec = \"/app/busybox\"\nuser = \"nonroot\"\nkeep = [\"LANG\"]\nset = { MODE = \"interp\" }\n",

@@ -26,6 +26,14 @@ pub fn shim_path() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_secretd-shim"))
 }
 
+/// Put the shim at `dest` (a hard link when on the same file system, else a copy: the debug
+/// build is tens of MB). Nothing writes through it.
+pub fn install_shim(dest: &Path) {
+    if std::fs::hard_link(shim_path(), dest).is_err() {
+        std::fs::copy(shim_path(), dest).unwrap();
+    }
+}
+
 /// `secretd-shim` with the platform's secrets (and LANG) in its environment.
 pub fn shim() -> Command {
     command(shim_path())
