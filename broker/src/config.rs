@@ -1580,7 +1580,7 @@ SHARED_CACHE = "shared/cache#url"
         assert_eq!(
             parse(&both).unwrap_err().to_string(),
             format!(
-                "{PATH}:15:1: give [sources.openbao] or [sources.vault] (the same source), not both"
+                "{PATH}:16:1: give [sources.openbao] or [sources.vault] (the same source), not both"
             )
         );
     }
