@@ -99,6 +99,10 @@ pub enum ShimError {
         got: [u32; 3],
         want: u32,
     },
+    #[error(
+        "capabilities {caps:#x} are still held after switching to uid {uid}; refusing to continue"
+    )]
+    CapabilitiesKept { uid: u32, caps: u64 },
     #[error("root could be regained after switching to uid {uid}; refusing to continue")]
     RootRegainable { uid: u32 },
     #[error("cannot set no_new_privs: {}", .0.desc())]

@@ -41,19 +41,27 @@ pub fn launch(sys: &mut impl Sys, plan: &Plan) -> Result<Infallible, ShimError> 
         // 6. Read back all three ids of each kind: a partial switch must not run PROGRAM.
         check_ids("uids", sys.getresuid().map_err(ShimError::GetIds)?, uid)?;
         check_ids("gids", sys.getresgid().map_err(ShimError::GetIds)?, gid)?;
+        // 7. A switch away from root clears every capability, unless securebits said
+        //    otherwise: PROGRAM must not start with any.
+        if uid != 0 {
+            let caps = sys.capabilities().map_err(ShimError::GetIds)?;
+            if caps != 0 {
+                return Err(ShimError::CapabilitiesKept { uid, caps });
+            }
+        }
     }
-    // 7. Prove root cannot be regained (a saved uid 0, a kept capability) unless PROGRAM is
+    // 8. Prove root cannot be regained (a saved uid 0, a kept CAP_SETUID) unless PROGRAM is
     //    meant to be root.
     let uid = plan.identity.uid();
     if uid != 0 && sys.regain_root().is_ok() {
         return Err(ShimError::RootRegainable { uid });
     }
-    // 8. no_new_privs: setuid binaries and file capabilities grant PROGRAM nothing more.
+    // 9. no_new_privs: setuid binaries and file capabilities grant PROGRAM nothing more.
     sys.set_no_new_privs().map_err(ShimError::NoNewPrivs)?;
-    // 9. An empty signal mask and default SIGPIPE: both survive execve, and neither is the
-    //    shim's to pass on (the Rust runtime ignores SIGPIPE).
+    // 10. An empty signal mask and default SIGPIPE: both survive execve, and neither is the
+    //     shim's to pass on (the Rust runtime ignores SIGPIPE).
     sys.reset_signals().map_err(ShimError::Signals)?;
-    // 10. execve with the explicit envp, trying candidates the way execvp does.
+    // 11. execve with the explicit envp, trying candidates the way execvp does.
     exec(sys, plan)
 }
 
@@ -113,6 +121,8 @@ mod tests {
         root_regainable: bool,
         /// ids the fake reports back; `None` = the last ones set.
         ids: Option<[u32; 3]>,
+        /// Capabilities the fake reports after the switch.
+        caps: u64,
         uid: u32,
         gid: u32,
         exec_errors: Vec<Errno>,
@@ -147,6 +157,10 @@ mod tests {
             self.step("setresgid", gid.to_string())?;
             self.gid = gid;
             Ok(())
+        }
+        fn capabilities(&mut self) -> Result<u64, Errno> {
+            self.step("capget", String::new())?;
+            Ok(self.caps)
         }
         fn regain_root(&mut self) -> Result<(), Errno> {
             self.calls.push("regain_root".into());
@@ -221,6 +235,7 @@ mod tests {
                 "setresuid 65534",
                 "getresuid",
                 "getresgid",
+                "capget",
                 "regain_root",
                 "no_new_privs",
                 "reset_signals",
@@ -299,14 +314,19 @@ mod tests {
                 6,
             ),
             (
+                "capget",
+                "cannot read back the process identity: Connection refused",
+                8,
+            ),
+            (
                 "no_new_privs",
                 "cannot set no_new_privs: Connection refused",
-                9,
+                10,
             ),
             (
                 "reset_signals",
                 "cannot reset the signal mask: Connection refused",
-                10,
+                11,
             ),
         ];
         for (step, message, calls) in steps {
@@ -332,6 +352,17 @@ mod tests {
         assert!(
             matches!(err, ShimError::RootRegainable { uid: 65534 }),
             "{err}"
+        );
+        assert!(!sys.calls.iter().any(|c| c.starts_with("execve")));
+
+        let mut sys = Recorder {
+            caps: 1 << 1, // CAP_DAC_OVERRIDE
+            ..Recorder::default()
+        };
+        let err = launch(&mut sys, &plan(false, SWITCH)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "capabilities 0x2 are still held after switching to uid 65534; refusing to continue"
         );
         assert!(!sys.calls.iter().any(|c| c.starts_with("execve")));
 

@@ -25,6 +25,8 @@ pub trait Sys {
     fn setresuid(&mut self, uid: u32) -> Result<(), Errno>;
     fn getresuid(&mut self) -> Result<[u32; 3], Errno>;
     fn getresgid(&mut self) -> Result<[u32; 3], Errno>;
+    /// The permitted and effective capability sets, or-ed together (`capget`).
+    fn capabilities(&mut self) -> Result<u64, Errno>;
     /// `setresuid(0, 0, 0)`: must fail once privileges are dropped.
     fn regain_root(&mut self) -> Result<(), Errno>;
     /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
@@ -34,6 +36,25 @@ pub trait Sys {
     /// `execve(path, argv, envp)`. Returns only when it failed, with the reason.
     fn execve(&mut self, path: &CStr, argv: &[CString], envp: &[CString]) -> Errno;
 }
+
+/// `struct __user_cap_header_struct` (linux/capability.h).
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+/// `struct __user_cap_data_struct` (linux/capability.h).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets, two `CapData`.
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
 /// The real process.
 #[derive(Debug)]
@@ -110,6 +131,29 @@ impl Sys for RealSys {
             ids.effective.as_raw(),
             ids.saved.as_raw(),
         ])
+    }
+
+    fn capabilities(&mut self) -> Result<u64, Errno> {
+        let mut header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let mut data = [CapData::default(); 2];
+        // SAFETY: with version 3 the kernel reads `header` and writes exactly two `CapData`
+        // (the low and high 32 capability bits) into `data`, which is that long and lives
+        // across the call; both types are `repr(C)` as the kernel declares them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_capget,
+                &mut header as *mut CapHeader,
+                data.as_mut_ptr(),
+            )
+        };
+        if rc != 0 {
+            return Err(Errno::last());
+        }
+        let word = |d: CapData| u64::from(d.permitted | d.effective);
+        Ok(word(data[0]) | (word(data[1]) << 32))
     }
 
     fn regain_root(&mut self) -> Result<(), Errno> {

@@ -163,6 +163,42 @@ fn privileges_are_dropped_and_no_new_privs_set() {
     );
 }
 
+/// A platform that set SECBIT_NO_SETUID_FIXUP keeps capabilities across the uid switch: the
+/// shim must notice and refuse, not start PROGRAM with them.
+#[test]
+fn capabilities_kept_across_the_switch_are_refused() {
+    if !root_or_skip("capabilities_kept_across_the_switch_are_refused") {
+        return;
+    }
+    const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+    let mut cmd = shim();
+    cmd.args(["--user", "nobody", "--", "/bin/true"]);
+    // SAFETY (test): prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = match cmd.output() {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!(
+                "skipped capabilities_kept_across_the_switch_are_refused: cannot set securebits here ({e})"
+            );
+            return;
+        }
+    };
+    assert_shim_error(&out, 125, "capabilities 0x");
+    assert!(
+        stderr(&out).contains("are still held after switching to uid 65534; refusing to continue"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 #[test]
 fn users_and_groups_by_name_or_number() {
     if !root_or_skip("users_and_groups_by_name_or_number") {
