@@ -534,6 +534,35 @@ fn registration_failure_is_an_error() {
     acceptor.join().unwrap();
 }
 
+/// A socket that accepts and then never answers: the shim gives up after its bound (5 s) with
+/// 125 instead of hanging the platform's start-up. (Asserts the outcome, not the duration.)
+#[test]
+fn a_silent_broker_is_an_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let user: &[&str] = if nix::unistd::geteuid().is_root() {
+        &["--user", "nobody"]
+    } else {
+        &[]
+    };
+    // The connection is accepted by the kernel's backlog; nobody ever reads or answers.
+    let out = run(shim()
+        .args(user)
+        .args(["--function", "orders", "--socket"])
+        .arg(&path)
+        .args(["--", "/bin/echo", "worker ran"]));
+    drop(listener);
+    assert_shim_error(
+        &out,
+        125,
+        &format!(
+            "cannot register as function \"orders\" with the broker at {}: no answer within 5 s",
+            path.display()
+        ),
+    );
+}
+
 #[test]
 fn help_and_version() {
     let out = run(shim().arg("--help"));
