@@ -116,6 +116,19 @@ fn a_worker_can_start_the_interpreter_again() {
     assert_eq!(stdout(&out), "65534\n1\n");
 }
 
+/// Installed as a symbolic link, the name in argv[0] (the link's) selects the section.
+#[test]
+fn a_symlink_name_selects_the_section() {
+    if !root_or_skip("a_symlink_name_selects_the_section") {
+        return;
+    }
+    let install = Install::new("[program.node]\nexec = \"/bin/sh\"\nuser = \"nobody\"\n");
+    std::os::unix::fs::symlink(shim_path(), install.path("node")).unwrap();
+    let out = run(install.command("node").args(["-c", "id -u"]));
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "65534\n");
+}
+
 #[test]
 fn config_flag_runs_a_section_like_interpreter_mode() {
     if !root_or_skip("config_flag_runs_a_section_like_interpreter_mode") {
