@@ -10,6 +10,10 @@ Compares, over the same number of alternating runs, the wall time to spawn and r
 and prints the median and p90 of each and the median overhead over the baseline. Targets
 (issue #3): <= 1 ms without --function, <= 2 ms with it.
 
+With --function the time includes the broker's work on RegisterWorker, which rewrites and
+fsyncs its registration state file beside the socket: cheap on tmpfs (/run in production),
+several ms on a disk (measured here: +1.6 ms on tmpfs, +7 ms with the socket under /tmp on disk).
+
 Binaries come from $SECRETD_BIN_DIR, else target/x86_64-unknown-linux-gnu/release. As a
 non-root user the shim runs without --user (it cannot switch users) and says so.
 """
