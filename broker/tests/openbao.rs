@@ -815,3 +815,54 @@ fn scope_revoked_by_reload_ends_a_watch() {
         assert_eq!(e.code(), Code::PermissionDenied);
     });
 }
+
+#[test]
+fn reload_applies_a_changed_mapping_at_once() {
+    let bao = require_bao!();
+    let sb = Sandbox::new();
+    setup(&bao, &sb, "1h", "1h", "r1");
+    let b = start(&sb, &[]);
+    let text = fs::read_to_string(sb.config_path()).unwrap();
+    // SHARED_URL is dropped, ORDERS_USER is added.
+    fs::write(
+        sb.config_path(),
+        text.replace(
+            "SHARED_URL = \"apps/shared#url\"",
+            "ORDERS_USER = \"apps/orders#user\"",
+        ),
+    )
+    .unwrap();
+    runtime().block_on(async {
+        let mut watch = secrets(&b.socket)
+            .await
+            .watch_secret(pb::WatchSecretRequest {
+                name: "SHARED_URL".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            watch.message().await.unwrap().unwrap().value,
+            b"redis://cache"
+        );
+        admin(&b.socket)
+            .await
+            .reload(pb::ReloadRequest {})
+            .await
+            .unwrap();
+        // The unmapped secret is deleted: its watch ends with NOT_FOUND.
+        let end = tokio::time::timeout(Duration::from_secs(30), watch.message())
+            .await
+            .expect("the reload reached the watch")
+            .unwrap_err();
+        assert_eq!(end.code(), Code::NotFound);
+        assert_eq!(get(&b.socket, "ORDERS_USER").await.unwrap(), b"orders");
+        assert_eq!(get(&b.socket, "ORDERS_DB").await.unwrap(), b"r1");
+        assert_eq!(openbao_status(&b.socket).await.secrets, 2);
+    });
+    assert!(
+        b.log().contains("[sources.openbao] changed by reload"),
+        "{}",
+        b.log()
+    );
+}
