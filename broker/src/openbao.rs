@@ -65,10 +65,12 @@ pub enum OpenBaoError {
     Ca { path: String, reason: String },
     #[error("{address}: `{host}` is not a valid TLS server name")]
     ServerName { address: String, host: String },
-    #[error("failed to connect to {address}: {source}")]
-    Connect { address: String, source: io::Error },
-    #[error("TLS handshake with {address} failed: {source}")]
-    Tls { address: String, source: io::Error },
+    // `error`, not `source`: the cause is part of the one-line message (anyhow's `{:#}` would
+    // print a `source` twice).
+    #[error("failed to connect to {address}: {error}")]
+    Connect { address: String, error: io::Error },
+    #[error("TLS handshake with {address} failed: {error}")]
+    Tls { address: String, error: io::Error },
     #[error("HTTP exchange with {address} failed: {reason}")]
     Http { address: String, reason: String },
     #[error("{what} at {address} timed out after {}s", REQUEST_TIMEOUT.as_secs())]
@@ -269,9 +271,9 @@ impl Client {
         )
         .await
         .map_err(|_| timeout("connecting"))?
-        .map_err(|source| OpenBaoError::Connect {
+        .map_err(|error| OpenBaoError::Connect {
             address: address.clone(),
-            source,
+            error,
         })?;
         let _ = tcp.set_nodelay(true);
         let tls = tokio::time::timeout(
@@ -280,9 +282,9 @@ impl Client {
         )
         .await
         .map_err(|_| timeout("the TLS handshake"))?
-        .map_err(|source| OpenBaoError::Tls {
+        .map_err(|error| OpenBaoError::Tls {
             address: address.clone(),
-            source,
+            error,
         })?;
         let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
             .await
