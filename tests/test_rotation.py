@@ -11,7 +11,6 @@ import secrets
 import subprocess
 from pathlib import Path
 
-import pytest
 from harness import (
     Broker,
     BrokerFactory,
@@ -135,11 +134,6 @@ def test_file_secrets_are_read_and_refreshed_into_watches(
     worker.exit()
 
 
-@pytest.mark.xfail(
-    reason="contract §6: [sources.files] are to be watched with inotify; the broker re-reads "
-    "them only on `secretd refresh` so far",
-    strict=False,
-)
 def test_file_secrets_are_followed_without_a_refresh(
     make_broker: BrokerFactory, launcher: Launcher, sandbox: Sandbox
 ) -> None:
