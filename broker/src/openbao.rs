@@ -721,6 +721,9 @@ pub struct Worker {
     client: Option<Client>,
     /// When the next full refresh is due.
     next: Instant,
+    /// No token maintenance before this (set to the back-off after a failure, so a token that
+    /// is due while the server is down does not make the loop spin).
+    token_hold: Instant,
     failures: u32,
 }
 
@@ -730,6 +733,7 @@ impl Worker {
     pub fn new(client: Option<Client>, ok: bool) -> Worker {
         let mut w = Worker {
             next: Instant::now(),
+            token_hold: Instant::now(),
             client,
             failures: 0,
         };
@@ -759,6 +763,7 @@ impl Worker {
             .saturating_mul(1u32 << (self.failures - 1).min(16))
             .min(cap);
         self.next = Instant::now() + backoff;
+        self.token_hold = self.next;
     }
 
     /// Start the loop; the returned handle serves `Admin.Refresh` and reloads.
@@ -772,7 +777,10 @@ impl Worker {
         loop {
             let far = Instant::now() + Duration::from_secs(24 * 3600);
             let (refresh_at, token_at) = match &self.client {
-                Some(c) => (self.next, c.token_due().unwrap_or(far)),
+                Some(c) => (
+                    self.next,
+                    c.token_due().map_or(far, |due| due.max(self.token_hold)),
+                ),
                 None => (far, far),
             };
             let wake = refresh_at.min(token_at);
@@ -785,7 +793,8 @@ impl Worker {
                     {
                         tracing::warn!(error = %e, "token renewal failed; serving the last good values");
                         broker.note_source(SOURCE, Err(e.to_string()));
-                        // Retry with the refresh back-off rather than spinning on the token.
+                        // Retry with the refresh back-off (`failed` also holds the token timer
+                        // until then) rather than spinning on the token.
                         self.failed();
                     }
                 }
@@ -915,6 +924,10 @@ mod tests {
         assert_eq!(
             seen,
             [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300, 300, 300]
+        );
+        assert_eq!(
+            w.token_hold, w.next,
+            "a failure also holds token maintenance"
         );
         w.succeeded();
         assert_eq!(w.failures, 0);
