@@ -866,3 +866,30 @@ fn reload_applies_a_changed_mapping_at_once() {
         b.log()
     );
 }
+
+#[test]
+fn an_optional_source_that_is_down_does_not_block_start_up() {
+    let mut bao = require_bao!();
+    let sb = Sandbox::new();
+    setup(&bao, &sb, "1h", "1h", "x");
+    let text = fs::read_to_string(sb.config_path()).unwrap();
+    fs::write(
+        sb.config_path(),
+        text.replace("refresh = \"1h\"", "refresh = \"1h\"\nrequired = false"),
+    )
+    .unwrap();
+    bao.stop();
+    let b = start(&sb, &[]);
+    runtime().block_on(async {
+        let st = openbao_status(&b.socket).await;
+        assert!(st.last_error.contains("Connection refused"), "{st:?}");
+        assert!(st.last_success.is_empty() && st.secrets == 0, "{st:?}");
+        let e = get(&b.socket, "ORDERS_DB").await.unwrap_err();
+        assert_eq!(e.code(), Code::NotFound);
+    });
+    assert!(
+        b.log().contains("first fetch failed (required = false"),
+        "{}",
+        b.log()
+    );
+}
