@@ -4,6 +4,7 @@ next get succeeds after the client's bounded retry."""
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -28,6 +29,9 @@ def test_registered_worker_survives_a_broker_restart(
 
     broker.kill()
     assert not pid_alive(old_pid)
+    # While nothing serves the socket, the client retries for a bounded time, then says so.
+    down = worker.get("ORDERS_DB")
+    assert down.get("error") == "Unavailable", down
     broker.start()  # same config, socket and environment; the stale socket is replaced
     assert broker.pid != old_pid
 
@@ -40,6 +44,19 @@ def test_registered_worker_survives_a_broker_restart(
     assert kid.get("sha256") == host_secrets.sha256("SHARED_CACHE_URL"), kid
     assert pid_alive(child)
     worker.exit()
+
+
+def test_a_worker_that_exits_while_the_broker_is_down_is_forgotten(
+    broker: Broker, launcher: Launcher
+) -> None:
+    worker = launcher.worker(function="orders")
+    assert worker.whoami()["function"] == "orders"
+    broker.kill()
+    worker.exit()
+    broker.start()
+    status = broker.cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["registered_workers"] == 0, status.stdout
 
 
 def test_registration_state_is_root_only(broker: Broker, launcher: Launcher) -> None:
