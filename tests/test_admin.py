@@ -1,10 +1,13 @@
 """Who may act as an operator: Admin calls (RegisterWorker, Scan, Status) from a uid outside
-`admin_uids` are refused — so no process can register *itself* as a function — and a descendant
-that leaves the registered worker's process tree (daemonizes) no longer counts as the function."""
+`admin_uids` are refused — so no process can register *itself* as a function — and the
+function's scope lasts exactly as long as the registration: a descendant that leaves the
+worker's process tree, or outlives the worker, no longer counts as the function."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 from harness import (
     INTRUDER_UID,
@@ -13,6 +16,7 @@ from harness import (
     Broker,
     Launcher,
     Sandbox,
+    Worker,
     needs_root,
     run_as,
     wait_until,
@@ -84,3 +88,21 @@ def test_a_registration_ends_when_the_worker_exits(broker: Broker, launcher: Lau
     assert registered_workers(broker) == 1
     worker.exit()
     wait_until(lambda: registered_workers(broker) == 0, 30, "the registration to end")
+
+
+def test_a_child_loses_the_function_when_the_registered_worker_dies(
+    broker: Broker, launcher: Launcher
+) -> None:
+    worker = launcher.worker(function="orders")
+    worker.send({"op": "handoff"})  # a child takes over the worker's stdin/stdout
+    child = Worker(worker.proc, worker.stderr_path)
+    assert child.pid != worker.pid
+    assert child.whoami()["function"] == "orders"
+    assert child.get("ORDERS_DB")["ok"] is True  # its connection is open and attested
+
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.proc.wait(timeout=30)
+    # Same connection, same live process — but the registration it descended from is gone.
+    me = child.whoami()
+    assert (me["function"], me["scopes"]) == ("", []), me
+    assert child.get("ORDERS_DB")["error"] == "PermissionDenied"

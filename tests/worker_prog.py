@@ -6,9 +6,9 @@ stays exactly what the shim built). Replies never carry a value: only its SHA-25
 which is all the tests need to prove the right secret arrived.
 
 Ops: get, get_str, get_many, list, whoami, raw_get (bypasses the client), orphan (a grandchild
-that daemonizes asks who it is), fds (open descriptors), watch/watch_next (follow a WatchSecret
-stream), spawn (start a child running this same program), child (forward one op to it), exit.
-``--child`` marks the spawned copy.
+that daemonizes asks who it is), handoff (a child takes over stdio), fds (open descriptors),
+watch/watch_next (follow a WatchSecret stream), spawn (start a child running this same
+program), child (forward one op to it), exit. ``--child`` marks the spawned copy.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -171,6 +172,12 @@ class Worker:
             return raw_get(message["name"])
         if op == "orphan":
             return orphan()
+        if op == "handoff":
+            # The child takes over this process's stdin/stdout (it says hello itself); this
+            # process stops reading and just stays alive until it is killed.
+            subprocess.Popen([sys.executable, "-s", "-E", os.path.abspath(__file__), "--child"])
+            while True:
+                signal.pause()
         if op == "fds":
             fds = {}
             for fd in os.listdir("/proc/self/fd"):
