@@ -153,3 +153,18 @@ def test_uid_scope_for_comparison(
     assert_got(worker.child({"op": "get", "name": "BILLING_KEY"}), host_secrets, "BILLING_KEY")
     assert worker.get("ORDERS_DB")["error"] == "PermissionDenied"
     worker.exit()
+
+
+def test_malformed_and_oversized_names_are_refused_and_the_broker_keeps_serving(
+    broker: Broker, launcher: Launcher, host_secrets: HostSecrets
+) -> None:
+    worker = launcher.worker()
+    for name in ("/ORDERS_DB", "ORDERS_DB/", "ORDERS_*", "ORDERS_DB\x00", "A" * 257):
+        reply = worker.request({"op": "raw_get", "name": name})
+        assert reply["code"] == "INVALID_ARGUMENT", (name[:20], reply)
+    for size in (70_000, 4_000_000):  # beyond the broker's request limit
+        reply = worker.request({"op": "raw_get", "name": "A" * size})
+        assert reply["ok"] is False, size
+        assert reply["code"] in ("INVALID_ARGUMENT", "OUT_OF_RANGE", "RESOURCE_EXHAUSTED"), reply
+    assert_got(worker.get("ORDERS_DB"), host_secrets, "ORDERS_DB")
+    worker.exit()
