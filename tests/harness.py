@@ -57,7 +57,7 @@ def is_root() -> bool:
 
 needs_root = pytest.mark.skipif(
     not is_root(),
-    reason="needs root: switches to other uids, and the shim registers workers as an admin",
+    reason="needs root: other uids, admin registration, a non-dumpable broker's /proc files",
 )
 
 
