@@ -56,6 +56,11 @@ const MAX_BODY: usize = 4 * 1024 * 1024;
 const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// A renewed token with less TTL than this is replaced by a fresh login.
 const MIN_USEFUL_TTL: Duration = Duration::from_secs(2);
+/// Connections used at most to read many paths in one cycle.
+const MAX_PARALLEL: usize = 4;
+/// One more connection per this many paths (up to `MAX_PARALLEL`): a handful of paths is read
+/// on a single connection, where a second handshake would cost more than it saves.
+const PATHS_PER_LANE: usize = 16;
 /// Name under which Status shows this source.
 pub const SOURCE: &str = "openbao";
 
@@ -149,9 +154,16 @@ pub struct Fetched {
 /// An authenticated client for one `[sources.openbao]` configuration.
 pub struct Client {
     cfg: OpenBaoSource,
+    ep: Endpoint,
+    token: Option<Token>,
+}
+
+/// Where and how to connect: cheap to clone into the tasks of a parallel read.
+#[derive(Clone)]
+struct Endpoint {
     connector: TlsConnector,
     server_name: ServerName<'static>,
-    token: Option<Token>,
+    address: crate::config::OpenBaoAddress,
 }
 
 impl std::fmt::Debug for Client {
@@ -238,8 +250,11 @@ impl Client {
             }
         })?;
         Ok(Client {
-            connector: TlsConnector::from(Arc::new(tls)),
-            server_name,
+            ep: Endpoint {
+                connector: TlsConnector::from(Arc::new(tls)),
+                server_name,
+                address: cfg.address.clone(),
+            },
             token: None,
             cfg,
         })
@@ -254,51 +269,11 @@ impl Client {
         self.token.as_ref().and_then(Token::due)
     }
 
-    fn address(&self) -> String {
-        self.cfg.address.url.clone()
-    }
-
     async fn connect(&self) -> Result<Conn, OpenBaoError> {
-        let address = self.address();
-        let timeout = |what: &str| OpenBaoError::Timeout {
-            address: address.clone(),
-            what: what.to_owned(),
-        };
-        let host = self.cfg.address.host.as_str();
-        let tcp = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            TcpStream::connect((host, self.cfg.address.port)),
-        )
-        .await
-        .map_err(|_| timeout("connecting"))?
-        .map_err(|error| OpenBaoError::Connect {
-            address: address.clone(),
-            error,
-        })?;
-        let _ = tcp.set_nodelay(true);
-        let tls = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            self.connector.connect(self.server_name.clone(), tcp),
-        )
-        .await
-        .map_err(|_| timeout("the TLS handshake"))?
-        .map_err(|error| OpenBaoError::Tls {
-            address: address.clone(),
-            error,
-        })?;
-        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| OpenBaoError::Http {
-                address: address.clone(),
-                reason: e.to_string(),
-            })?;
-        let driver = tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(Conn { send, driver })
+        self.ep.connect().await
     }
 
-    /// One request; returns the status and the whole body. `what` names it in errors.
+    /// One request, with the token when `with_token`.
     async fn call(
         &self,
         conn: &mut Conn,
@@ -308,60 +283,12 @@ impl Client {
         body: Option<Vec<u8>>,
         what: &str,
     ) -> Result<(StatusCode, Bytes), OpenBaoError> {
-        let address = self.address();
-        let http_err = |reason: String| OpenBaoError::Http {
-            address: address.clone(),
-            reason,
-        };
-        let authority = if self.cfg.address.host.contains(':') {
-            format!("[{}]:{}", self.cfg.address.host, self.cfg.address.port)
+        let token = if with_token {
+            self.token.as_ref().map(|t| &t.value)
         } else {
-            format!("{}:{}", self.cfg.address.host, self.cfg.address.port)
+            None
         };
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, authority)
-            .header(
-                header::USER_AGENT,
-                concat!("secretd/", env!("CARGO_PKG_VERSION")),
-            );
-        if body.is_some() {
-            req = req.header(header::CONTENT_TYPE, "application/json");
-        }
-        if with_token && let Some(t) = &self.token {
-            let mut v = header::HeaderValue::from_str(t.value.expose_secret())
-                .map_err(|_| http_err("the token is not a valid header value".to_owned()))?;
-            v.set_sensitive(true);
-            req = req.header("X-Vault-Token", v);
-        }
-        let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| http_err(e.to_string()))?;
-        let exchange = async {
-            conn.send
-                .ready()
-                .await
-                .map_err(|e| http_err(e.to_string()))?;
-            let resp = conn
-                .send
-                .send_request(req)
-                .await
-                .map_err(|e| http_err(e.to_string()))?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_BODY)
-                .collect()
-                .await
-                .map_err(|e| http_err(format!("reading the response body: {e}")))?
-                .to_bytes();
-            Ok((status, body))
-        };
-        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-            .await
-            .map_err(|_| OpenBaoError::Timeout {
-                address: address.clone(),
-                what: what.to_owned(),
-            })?
+        self.ep.call(conn, method, path, token, body, what).await
     }
 
     fn status_error(what: &str, status: StatusCode, body: &[u8]) -> OpenBaoError {
@@ -548,28 +475,22 @@ impl Client {
                 by_path.entry(m.path.clone()).or_default().push(m.clone());
             }
         }
+        let paths: Vec<String> = by_path.keys().cloned().collect();
+        let mut answers = self.read_paths(conn, &paths).await?;
+        // A revoked or expired token: log in again once, then retry what was refused.
+        let refused: Vec<usize> = (0..paths.len())
+            .filter(|&i| answers[i].0 == StatusCode::FORBIDDEN)
+            .collect();
+        if !refused.is_empty() {
+            self.token = None;
+            self.login(conn).await?;
+            for i in refused {
+                answers[i] = self.read_path(conn, &paths[i]).await?;
+            }
+        }
         let mut out = Fetched::default();
-        for (path, mappings) in by_path {
+        for ((path, mappings), (status, body)) in by_path.into_iter().zip(answers) {
             let what = format!("reading {}/{path}", self.cfg.mount);
-            let url = format!(
-                "/v1/{}/data/{}",
-                encode_path(&self.cfg.mount),
-                encode_path(&path)
-            );
-            let mut relogged = false;
-            let (status, body) = loop {
-                let (status, body) = self
-                    .call(conn, Method::GET, &url, true, None, &what)
-                    .await?;
-                // A revoked or expired token: log in again once, then retry.
-                if status == StatusCode::FORBIDDEN && !relogged {
-                    relogged = true;
-                    self.token = None;
-                    self.login(conn).await?;
-                    continue;
-                }
-                break (status, body);
-            };
             if status == StatusCode::NOT_FOUND {
                 for m in mappings {
                     out.failures.push(OpenBaoError::NotFound {
@@ -613,6 +534,214 @@ impl Client {
             }
         }
         Ok(out)
+    }
+
+    fn kv_url(&self, path: &str) -> String {
+        format!(
+            "/v1/{}/data/{}",
+            encode_path(&self.cfg.mount),
+            encode_path(path)
+        )
+    }
+
+    async fn read_path(
+        &self,
+        conn: &mut Conn,
+        path: &str,
+    ) -> Result<(StatusCode, Bytes), OpenBaoError> {
+        let what = format!("reading {}/{path}", self.cfg.mount);
+        self.call(conn, Method::GET, &self.kv_url(path), true, None, &what)
+            .await
+    }
+
+    /// GET every path; the answers in the order of `paths`. Many paths are read over up to
+    /// [`MAX_PARALLEL`] connections at once (`conn` plus extra ones, each closed before this
+    /// returns); a connection-level error fails the whole read.
+    async fn read_paths(
+        &self,
+        conn: &mut Conn,
+        paths: &[String],
+    ) -> Result<Vec<(StatusCode, Bytes)>, OpenBaoError> {
+        let lanes = paths.len().div_ceil(PATHS_PER_LANE).clamp(1, MAX_PARALLEL);
+        let mut answers: Vec<Option<(StatusCode, Bytes)>> = vec![None; paths.len()];
+        let mut extra = tokio::task::JoinSet::new();
+        for lane in 1..lanes {
+            let ep = self.ep.clone();
+            let token = self.token.as_ref().map(|t| t.value.clone());
+            let work: Vec<(usize, String, String)> = (lane..paths.len())
+                .step_by(lanes)
+                .map(|i| (i, self.kv_url(&paths[i]), paths[i].clone()))
+                .collect();
+            let mount = self.cfg.mount.clone();
+            extra.spawn(async move {
+                let mut conn = ep.connect().await?;
+                let mut got = Vec::with_capacity(work.len());
+                let mut result = Ok(());
+                for (i, url, path) in work {
+                    let what = format!("reading {mount}/{path}");
+                    match ep
+                        .call(&mut conn, Method::GET, &url, token.as_ref(), None, &what)
+                        .await
+                    {
+                        Ok(a) => got.push((i, a)),
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                conn.close().await;
+                result.map(|()| got)
+            });
+        }
+        let mut first_error = None;
+        for i in (0..paths.len()).step_by(lanes) {
+            match self.read_path(conn, &paths[i]).await {
+                Ok(a) => answers[i] = Some(a),
+                Err(e) => {
+                    first_error = Some(e);
+                    break;
+                }
+            }
+        }
+        // Wait for every lane (so every extra connection is closed) before returning.
+        while let Some(joined) = extra.join_next().await {
+            match joined {
+                Ok(Ok(got)) => {
+                    for (i, a) in got {
+                        answers[i] = Some(a);
+                    }
+                }
+                Ok(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(OpenBaoError::Http {
+                        address: self.cfg.address.url.clone(),
+                        reason: format!("read task failed: {e}"),
+                    });
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.expect("every path was read"))
+            .collect())
+    }
+}
+
+impl Endpoint {
+    fn address(&self) -> String {
+        self.address.url.clone()
+    }
+
+    async fn connect(&self) -> Result<Conn, OpenBaoError> {
+        let address = self.address();
+        let timeout = |what: &str| OpenBaoError::Timeout {
+            address: address.clone(),
+            what: what.to_owned(),
+        };
+        let host = self.address.host.as_str();
+        let tcp = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            TcpStream::connect((host, self.address.port)),
+        )
+        .await
+        .map_err(|_| timeout("connecting"))?
+        .map_err(|error| OpenBaoError::Connect {
+            address: address.clone(),
+            error,
+        })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.connector.connect(self.server_name.clone(), tcp),
+        )
+        .await
+        .map_err(|_| timeout("the TLS handshake"))?
+        .map_err(|error| OpenBaoError::Tls {
+            address: address.clone(),
+            error,
+        })?;
+        let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .map_err(|e| OpenBaoError::Http {
+                address: address.clone(),
+                reason: e.to_string(),
+            })?;
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn { send, driver })
+    }
+
+    /// One request; returns the status and the whole body. `what` names it in errors.
+    async fn call(
+        &self,
+        conn: &mut Conn,
+        method: Method,
+        path: &str,
+        token: Option<&SecretString>,
+        body: Option<Vec<u8>>,
+        what: &str,
+    ) -> Result<(StatusCode, Bytes), OpenBaoError> {
+        let address = self.address();
+        let http_err = |reason: String| OpenBaoError::Http {
+            address: address.clone(),
+            reason,
+        };
+        let authority = if self.address.host.contains(':') {
+            format!("[{}]:{}", self.address.host, self.address.port)
+        } else {
+            format!("{}:{}", self.address.host, self.address.port)
+        };
+        let mut req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, authority)
+            .header(
+                header::USER_AGENT,
+                concat!("secretd/", env!("CARGO_PKG_VERSION")),
+            );
+        if body.is_some() {
+            req = req.header(header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(t) = token {
+            let mut v = header::HeaderValue::from_str(t.expose_secret())
+                .map_err(|_| http_err("the token is not a valid header value".to_owned()))?;
+            v.set_sensitive(true);
+            req = req.header("X-Vault-Token", v);
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| http_err(e.to_string()))?;
+        let exchange = async {
+            conn.send
+                .ready()
+                .await
+                .map_err(|e| http_err(e.to_string()))?;
+            let resp = conn
+                .send
+                .send_request(req)
+                .await
+                .map_err(|e| http_err(e.to_string()))?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| http_err(format!("reading the response body: {e}")))?
+                .to_bytes();
+            Ok((status, body))
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+            .await
+            .map_err(|_| OpenBaoError::Timeout {
+                address: address.clone(),
+                what: what.to_owned(),
+            })?
     }
 }
 

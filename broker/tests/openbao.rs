@@ -893,3 +893,93 @@ fn an_optional_source_that_is_down_does_not_block_start_up() {
         b.log()
     );
 }
+
+#[test]
+fn many_paths_are_read_over_parallel_connections_and_leave_no_old_value() {
+    let bao = require_bao!();
+    let sb = Sandbox::new();
+    let sid = sb.path().join("secret-id");
+    let role = bao.approle("1h", &sid);
+    let n = 40; // three connections' worth of paths
+    let old: Vec<String> = (0..n).map(|i| unique_value(&format!("old{i}"))).collect();
+    for (i, v) in old.iter().enumerate() {
+        bao.kv_put(&format!("apps/p{i:02}"), &[("v", v)]);
+    }
+    let mapping: String = (0..n)
+        .map(|i| format!("S{i:02} = \"apps/p{i:02}#v\"\n"))
+        .collect();
+    write_config(
+        &sb,
+        &config(&bao, &bao.ca(), "1h", &approle_auth(&role, &sid), &mapping),
+    );
+    let b = start(&sb, &[]);
+    let rt = runtime();
+    rt.block_on(async {
+        for (i, v) in old.iter().enumerate() {
+            assert_eq!(
+                get(&b.socket, &format!("S{i:02}")).await.unwrap(),
+                v.as_bytes()
+            );
+        }
+    });
+    let new: Vec<String> = (0..n).map(|i| unique_value(&format!("new{i}"))).collect();
+    for (i, v) in new.iter().enumerate() {
+        bao.kv_put(&format!("apps/p{i:02}"), &[("v", v)]);
+    }
+    // Revoke every token AppRole has issued: the next read is refused, the broker logs in
+    // again and retries.
+    bao.ok(&["token", "revoke", "-mode=path", "auth/approle/login"]);
+    rt.block_on(async {
+        let r = admin(&b.socket)
+            .await
+            .refresh(pb::RefreshRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.refreshed, n as u64);
+        for (i, v) in new.iter().enumerate() {
+            assert_eq!(
+                get(&b.socket, &format!("S{i:02}")).await.unwrap(),
+                v.as_bytes()
+            );
+        }
+    });
+    assert_eq!(
+        b.log().matches("logged in to OpenBao with AppRole").count(),
+        2
+    );
+    if is_root() {
+        assert!(count_all_in_memory(b.pid, &new) >= n);
+        eventually("no old value left in the broker's memory", || {
+            count_all_in_memory(b.pid, &old) == 0
+        });
+    }
+}
+
+/// Occurrences of any of `needles` in every readable mapping of `pid`, in one pass (needs
+/// root).
+fn count_all_in_memory(pid: u32, needles: &[String]) -> usize {
+    use std::os::unix::fs::FileExt;
+    let ac = aho_corasick::AhoCorasick::new(needles).unwrap();
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let mem = fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut count = 0;
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').unwrap();
+        let start = u64::from_str_radix(start, 16).unwrap();
+        let end = u64::from_str_radix(end, 16).unwrap();
+        let mut buf = vec![0u8; (end - start) as usize];
+        if mem.read_exact_at(&mut buf, start).is_err() {
+            continue;
+        }
+        count += ac.find_iter(&buf).count();
+    }
+    count
+}
