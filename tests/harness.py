@@ -21,7 +21,6 @@ import secrets
 import select
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -159,7 +158,7 @@ def pid_alive(pid: int) -> bool:
     return fields is not None and fields[0] not in ("Z", "X")
 
 
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll until predicate() is true; a timeout only guards against a hang."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -726,7 +725,3 @@ def run_as(
         check=False,
         **drop_to(uid),
     )
-
-
-def file_mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
