@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 
 from harness import (
@@ -136,3 +137,11 @@ def test_shim_exit_codes(bins: Binaries, sandbox: Sandbox) -> None:
         assert result.stderr.startswith("secretd-shim: "), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not marker.exists(), "PROGRAM ran although the shim failed"
+
+
+def test_socket_is_root_owned_with_the_configured_mode(broker: Broker) -> None:
+    info = os.stat(broker.socket)
+    assert stat.S_ISSOCK(info.st_mode)
+    assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (0, 0o666)
+    parent = os.stat(broker.socket.parent)
+    assert (parent.st_uid, stat.S_IMODE(parent.st_mode)) == (0, 0o755)
