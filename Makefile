@@ -40,7 +40,7 @@ proto-py: venv
 
 test: build venv test-rust test-py test-e2e
 
-test-rust: build
+test-rust: build venv
 	$(CARGO) test $(CARGO_ARGS) --workspace --no-fail-fast
 
 test-py: build venv
