@@ -48,8 +48,10 @@ pub struct AuditRecord {
     pub uid: u32,
     pub gid: u32,
     pub function: Option<String>,
-    /// Names of the scopes the caller matched.
-    pub scopes: Vec<String>,
+    /// Names of the scopes the caller matched (shared with the caller's grant: not copied per
+    /// call).
+    #[serde(serialize_with = "shared_strings")]
+    pub scopes: Arc<[String]>,
     /// Valid secret names only.
     pub names: Vec<String>,
     pub decision: Outcome,
@@ -68,7 +70,7 @@ impl AuditRecord {
             uid: caller.uid,
             gid: caller.gid,
             function: caller.function.clone(),
-            scopes: Vec::new(),
+            scopes: Arc::from([]),
             names: Vec::new(),
             decision: Outcome::Deny,
             reason: None,
@@ -118,6 +120,10 @@ impl AuditRecord {
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("an audit record always serializes")
     }
+}
+
+fn shared_strings<S: serde::Serializer>(v: &Arc<[String]>, s: S) -> Result<S::Ok, S::Error> {
+    serde::Serialize::serialize(&**v, s)
 }
 
 /// How long a record may wait in the queue while calls keep coming.

@@ -9,8 +9,10 @@
 //! Failing closed is built in: an empty matcher matches nobody, an unknown `exe` or `function`
 //! never equals a configured one, and a stale [`Grant`] index grants nothing.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
@@ -179,48 +181,135 @@ pub fn secret_glob(pattern: &str) -> Result<globset::Glob, globset::Error> {
         .build()
 }
 
-/// The scopes in force, in config order.
-#[derive(Debug, Clone, Default)]
+/// The scopes in force, in config order, and an index that finds the few scopes whose patterns
+/// could cover a name without trying every scope.
+#[derive(Clone, Default)]
 pub struct Policy {
     scopes: Vec<Scope>,
+    index: PrefixIndex,
+}
+
+impl fmt::Debug for Policy {
+    // The index is derived from the scopes; the scopes say it all.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("scopes", &self.scopes)
+            .finish()
+    }
+}
+
+/// Scopes by the literal prefix of their patterns (the bytes before the first `*?[{\`).
+///
+/// A glob can only match names that start with its literal prefix, so the scopes that might
+/// cover a name are those filed under one of the name's prefixes; everything else is skipped
+/// without running its matcher. The index only narrows the search: whether a candidate covers
+/// the name is still [`Scope::covers`]. Only used for grants with more than
+/// [`SCAN_AT_MOST`] scopes; smaller grants are scanned directly.
+#[derive(Clone, Default)]
+struct PrefixIndex {
+    by_prefix: HashMap<Box<str>, Vec<usize>>,
+    /// The distinct prefix lengths in `by_prefix`, ascending.
+    lengths: Vec<usize>,
+}
+
+/// Grants with at most this many scopes try each scope in turn (cheaper than the index).
+const SCAN_AT_MOST: usize = 8;
+
+impl PrefixIndex {
+    fn new(scopes: &[Scope]) -> PrefixIndex {
+        let mut by_prefix: HashMap<Box<str>, Vec<usize>> = HashMap::new();
+        for (i, scope) in scopes.iter().enumerate() {
+            for pattern in &scope.patterns {
+                let end = pattern
+                    .find(['*', '?', '[', '{', '\\'])
+                    .unwrap_or(pattern.len());
+                let list = by_prefix.entry(pattern[..end].into()).or_default();
+                if list.last() != Some(&i) {
+                    list.push(i);
+                }
+            }
+        }
+        let mut lengths: Vec<usize> = by_prefix.keys().map(|k| k.len()).collect();
+        lengths.sort_unstable();
+        lengths.dedup();
+        PrefixIndex { by_prefix, lengths }
+    }
+
+    /// Scopes (ascending, deduplicated, granted only) whose patterns might cover `name`.
+    fn candidates(&self, name: &str, grant: &Grant) -> Vec<usize> {
+        let mut out = Vec::new();
+        for &len in &self.lengths {
+            let Some(prefix) = name.get(..len) else { break };
+            if let Some(scopes) = self.by_prefix.get(prefix) {
+                out.extend(scopes.iter().copied().filter(|&i| grant.contains(i)));
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 impl Policy {
     pub fn new(scopes: Vec<Scope>) -> Policy {
-        Policy { scopes }
+        let index = PrefixIndex::new(&scopes);
+        Policy { scopes, index }
     }
 
     pub fn scopes(&self) -> &[Scope] {
         &self.scopes
     }
 
-    /// Indices of the scopes this caller matches (computed once per connection and reused).
+    /// Indices of the scopes this caller matches (computed once per connection and reused),
+    /// with their names (shared by every audit record made with this grant).
     ///
     /// A grant is only meaningful with the policy that made it: after a reload, compute it
     /// again.
     pub fn grant(&self, caller: &Caller) -> Grant {
+        let (scopes, names): (Vec<usize>, Vec<String>) = self
+            .scopes
+            .iter()
+            .enumerate()
+            .filter(|(_, scope)| scope.matches(caller))
+            .map(|(i, scope)| (i, scope.name.clone()))
+            .unzip();
         Grant {
-            scopes: self
-                .scopes
-                .iter()
-                .enumerate()
-                .filter(|(_, scope)| scope.matches(caller))
-                .map(|(i, _)| i)
-                .collect(),
+            scopes: scopes.into(),
+            names: names.into(),
         }
+    }
+
+    /// The first scope in config order that is in `grant` and covers `name`.
+    fn first_covering(&self, grant: &Grant, name: &SecretName) -> Option<&Scope> {
+        if grant.scopes.len() <= SCAN_AT_MOST {
+            return grant.resolve(self).find(|s| s.covers(name));
+        }
+        self.index
+            .candidates(name.as_str(), grant)
+            .into_iter()
+            .filter_map(|i| self.scopes.get(i))
+            .find(|s| s.covers(name))
     }
 }
 
-/// The scopes a caller matched, as indices into the [`Policy`] that computed it.
+/// The scopes a caller matched, as indices into the [`Policy`] that computed it (ascending),
+/// and their names. Cloning is cheap: a grant is cloned on every call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grant {
-    scopes: Vec<usize>,
+    scopes: Arc<[usize]>,
+    names: Arc<[String]>,
 }
 
 impl Grant {
-    /// Names of the matched scopes, in config order.
+    /// Names of the matched scopes, in config order, as `policy` has them.
     pub fn scope_names<'p>(&self, policy: &'p Policy) -> Vec<&'p str> {
         self.resolve(policy).map(|s| s.name.as_str()).collect()
+    }
+
+    /// Names of the matched scopes as the policy that made this grant had them, shared (no
+    /// copy per call): what audit records list.
+    pub fn shared_names(&self) -> Arc<[String]> {
+        Arc::clone(&self.names)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -232,9 +321,13 @@ impl Grant {
         &self.scopes
     }
 
+    fn contains(&self, scope: usize) -> bool {
+        self.scopes.binary_search(&scope).is_ok()
+    }
+
     /// Whether `name` is allowed: `evaluate(..)` is `Allow`.
     pub fn allows(&self, policy: &Policy, name: &SecretName) -> bool {
-        self.resolve(policy).any(|s| s.covers(name))
+        policy.first_covering(self, name).is_some()
     }
 
     fn resolve<'p>(&self, policy: &'p Policy) -> impl Iterator<Item = &'p Scope> {
@@ -269,15 +362,16 @@ impl fmt::Display for DenyReason {
 
 /// The whole policy question in one call.
 pub fn evaluate(policy: &Policy, grant: &Grant, name: &SecretName) -> Decision {
-    let mut matched = false;
-    for scope in grant.resolve(policy) {
-        matched = true;
-        if scope.covers(name) {
-            return Decision::Allow {
-                scope: scope.name.clone(),
-            };
-        }
+    if let Some(scope) = policy.first_covering(grant, name) {
+        return Decision::Allow {
+            scope: scope.name.clone(),
+        };
     }
+    // Indices are ascending: the first says whether any of them is a scope of this policy.
+    let matched = grant
+        .scopes
+        .first()
+        .is_some_and(|&i| i < policy.scopes.len());
     Decision::Deny(if matched {
         DenyReason::NotCovered
     } else {
@@ -428,6 +522,63 @@ mod tests {
             evaluate(&Policy::default(), &Grant::default(), &name),
             NO_SCOPE
         );
+    }
+
+    #[test]
+    fn index_agrees_with_trying_every_scope() {
+        // Enough scopes that grants use the prefix index, with every kind of pattern.
+        let shapes: &[&[&str]] = &[
+            &["team_*", "apps/team/**"],
+            &["ORDERS_DB"],
+            &["**/db"],
+            &["*"],
+            &["apps/*"],
+            &["apps/{a,b}/x"],
+            &["lit\\*eral"],
+            &["P?_X", "[AB]_KEY"],
+            &["apps/team/**"],
+            &["te"],
+            &["team_DB"],
+            &["{x,team}_*"],
+        ];
+        let mut scopes = Vec::new();
+        for round in 0..3 {
+            for (i, patterns) in shapes.iter().enumerate() {
+                let uid = if (i + round) % 4 == 0 { 2 } else { 1 };
+                scopes.push(scope(
+                    &format!("s{round}-{i}"),
+                    Matcher {
+                        uid: Some(uid),
+                        ..Matcher::default()
+                    },
+                    patterns,
+                ));
+            }
+        }
+        let policy = Policy::new(scopes);
+        let names = "team_DB team te apps/team/x/y apps/a/x apps/c/x apps/x db a/b/db ORDERS_DB \
+                     lit.eral literal P1_X A_KEY C_KEY x_Y zzz apps";
+        for uid in [1, 2, 3] {
+            let caller = caller(uid, uid, &[], None, None);
+            let grant = policy.grant(&caller);
+            assert!(grant.indices().len() > SCAN_AT_MOST || uid == 3);
+            for name in names.split_whitespace() {
+                let name = SecretName::parse(name).unwrap();
+                let expected = policy
+                    .scopes()
+                    .iter()
+                    .find(|s| s.matches(&caller) && s.covers(&name))
+                    .map(|s| s.name.clone());
+                let got = match evaluate(&policy, &grant, &name) {
+                    Decision::Allow { scope } => Some(scope),
+                    Decision::Deny(_) => None,
+                };
+                assert_eq!(got, expected, "uid {uid}, name {name}");
+                assert_eq!(grant.allows(&policy, &name), expected.is_some());
+            }
+        }
+        let grant = policy.grant(&caller(1, 1, &[], None, None));
+        assert_eq!(*grant.shared_names(), *grant.scope_names(&policy));
     }
 
     #[test]

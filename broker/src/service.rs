@@ -45,12 +45,7 @@ impl<'a> Call<'a> {
         match broker.attest(&peer) {
             Ok(att) => {
                 let mut record = AuditRecord::new(rpc, &att.caller);
-                record.scopes = att
-                    .grant
-                    .scope_names(&att.config.policy)
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect();
+                record.scopes = att.grant.shared_names();
                 Ok((Call { broker, record }, att))
             }
             Err(why) => {
@@ -260,7 +255,7 @@ impl Secrets for SecretsService {
         req: Request<pb::WhoAmIRequest>,
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         let (call, att) = Call::start(&self.broker, "WhoAmI", &req)?;
-        let scopes = call.record.scopes.clone();
+        let scopes = call.record.scopes.to_vec();
         call.allow();
         let c = att.caller;
         Ok(Response::new(pb::WhoAmIResponse {
