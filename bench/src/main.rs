@@ -54,6 +54,15 @@ enum Cmd {
         #[arg(long)]
         ready_fd: Option<i32>,
     },
+    /// Call GetSecret on a running server for a while (load for a profiler); prints calls/s.
+    Load {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+    },
     /// Run the Rust-side measurements and write them as JSON.
     Suite {
         /// The `secretd` binary under test.
@@ -67,6 +76,10 @@ enum Cmd {
         /// Short runs, for iterating (not for RESULTS.md).
         #[arg(long)]
         quick: bool,
+        /// Another `secretd` build (e.g. before a fix) measured in the same interleaved
+        /// latency and scaling runs, as `*_baseline`.
+        #[arg(long)]
+        baseline: Option<PathBuf>,
         /// Only these items (comma-separated: latency,throughput,scaling,startup,memory).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
@@ -96,17 +109,31 @@ fn main() -> anyhow::Result<()> {
                 .context("--ready-fd")?;
             echo::run(&socket, value_len, ready)
         }
+        Cmd::Load {
+            socket,
+            seconds,
+            clients,
+        } => {
+            let rate = current_thread()?.block_on(async {
+                let conns = connect_many(&socket, clients).await?;
+                run_closed_loop(&conns, Duration::from_secs_f64(seconds)).await
+            })?;
+            println!("{rate:.0} calls/s");
+            Ok(())
+        }
         Cmd::Suite {
             secretd,
             out,
             calls,
             quick,
+            baseline,
             only,
         } => {
             raise_nofile();
             let want = |item: &str| only.is_empty() || only.iter().any(|o| o == item);
             let s = Suite {
                 secretd,
+                baseline,
                 calls: if quick { calls.min(1000) } else { calls },
                 quick,
             };
@@ -161,6 +188,7 @@ fn stats_json(all: &[(String, Stats)]) -> Value {
 
 struct Suite {
     secretd: PathBuf,
+    baseline: Option<PathBuf>,
     calls: usize,
     quick: bool,
 }
@@ -179,6 +207,16 @@ impl Suite {
         Ok((dir, running))
     }
 
+    /// The `--baseline` build on the same shape, if one was given.
+    fn baseline(&self, shape: BrokerShape) -> anyhow::Result<Option<(BrokerDir, Running)>> {
+        let Some(bin) = &self.baseline else {
+            return Ok(None);
+        };
+        let dir = BrokerDir::new(shape)?;
+        let running = dir.start(bin)?;
+        Ok(Some((dir, running)))
+    }
+
     fn echo(&self, dir: &BrokerDir, clearing: bool) -> anyhow::Result<Running> {
         let tag = if clearing { "echo-clearing" } else { "echo" };
         start_echo(
@@ -194,6 +232,7 @@ impl Suite {
         let (dir, broker) = self.broker(SMALL)?;
         let echo = self.echo(&dir, false)?;
         let echo_clearing = self.echo(&dir, true)?;
+        let baseline = self.baseline(SMALL)?;
         let all = current_thread()?.block_on(async {
             let mut targets = vec![
                 ("secretd".to_owned(), connect(&broker.socket).await?),
@@ -203,8 +242,14 @@ impl Suite {
                     connect(&echo_clearing.socket).await?,
                 ),
             ];
+            if let Some((_, b)) = &baseline {
+                targets.push(("secretd_baseline".to_owned(), connect(&b.socket).await?));
+            }
             latency(&mut targets, self.calls, 20).await
         })?;
+        if let Some((_, b)) = baseline {
+            b.stop();
+        }
         broker.stop();
         echo.stop();
         echo_clearing.stop();
@@ -278,12 +323,15 @@ impl Suite {
         ];
         let mut brokers = Vec::new();
         for (label, shape) in shapes {
-            brokers.push((label, self.broker(shape)?));
+            brokers.push((label.to_owned(), self.broker(shape)?));
+            if let Some(b) = self.baseline(shape)? {
+                brokers.push((format!("{label}_baseline"), b));
+            }
         }
         let all = current_thread()?.block_on(async {
             let mut targets = Vec::new();
             for (label, (_, running)) in &brokers {
-                targets.push(((*label).to_owned(), connect(&running.socket).await?));
+                targets.push((label.clone(), connect(&running.socket).await?));
             }
             latency(&mut targets, self.calls, 20).await
         })?;
