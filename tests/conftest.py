@@ -21,6 +21,7 @@ from harness import (
     broker_config,
     client_source_dir,
     find_bin_dir,
+    world_runnable,
 )
 
 
@@ -47,6 +48,9 @@ def staged() -> Iterator[StagedLib]:
     except RuntimeError:
         _missing("the secretd Python client is not available (client-py/src/secretd)")
     lib = StagedLib.create()
+    if not world_runnable(lib.python):
+        lib.remove()
+        _missing(f"{lib.python} cannot be run by other uids (workers need /usr/bin/python3.X)")
     yield lib
     lib.remove()
 

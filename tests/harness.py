@@ -253,6 +253,14 @@ def _package_dir(name: str) -> Path:
     return Path(spec.origin)
 
 
+def world_runnable(path: Path) -> bool:
+    """Whether a uid with no special rights can execute path (every parent traversable)."""
+    real = path.resolve()
+    if not real.is_file() or not real.stat().st_mode & 0o001:
+        return False
+    return all(parent.stat().st_mode & 0o001 for parent in real.parents)
+
+
 def client_source_dir() -> Path:
     in_repo = REPO / "client-py" / "src" / "secretd"
     return in_repo if in_repo.is_dir() else _package_dir("secretd")
