@@ -702,10 +702,16 @@ class Launcher:
         return proc, stderr_path
 
     def worker(
-        self, *, uid: int | None = WORKER_UID, function: str | None = "orders", **kwargs: Any
+        self,
+        *,
+        uid: int | None = WORKER_UID,
+        function: str | None = "orders",
+        shim_args: Sequence[str] = (),
+        **kwargs: Any,
     ) -> Worker:
         """kwargs go to Popen (e.g. pass_fds, preexec_fn: what the host leaks into the shim)."""
-        argv = self.shim_argv(self.staged.argv("worker_prog.py"), uid=uid, function=function)
+        program = self.staged.argv("worker_prog.py")
+        argv = self.shim_argv(program, uid=uid, function=function, extra=shim_args)
         proc, stderr_path = self.popen(argv, "worker", **kwargs)
         return Worker(proc, stderr_path)
 

@@ -59,3 +59,33 @@ def test_worker_credentials_privileges_fds_and_signal_mask(
     assert str(leaked_file) not in fds.values(), fds
     assert {"0", "1", "2"} <= set(fds), fds
     worker.exit()
+
+
+def test_keep_and_set_are_the_only_additions(
+    broker: Broker, launcher: Launcher, host_secrets: HostSecrets
+) -> None:
+    worker = launcher.worker(
+        shim_args=[
+            "--keep",
+            "LANG",
+            "--keep",
+            "PATH",
+            "--keep",
+            "NOT_IN_THE_HOST_ENV",
+            "--set",
+            "APP_MODE=production",
+        ]
+    )
+    entries = dict(
+        item.decode().split("=", 1)
+        for item in Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+        if item
+    )
+    assert sorted(entries) == ["APP_MODE", "LANG", "PATH", "SECRETD_SOCKET"], entries
+    assert entries["APP_MODE"] == "production"
+    assert entries["LANG"] == launcher.host_env["LANG"]
+    assert (
+        entries["PATH"] == launcher.host_env["PATH"]
+    )  # --keep PATH: the host's, not the fixed one
+    assert entries["SECRETD_SOCKET"] == str(broker.socket)
+    worker.exit()

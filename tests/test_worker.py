@@ -118,6 +118,7 @@ def test_function_registration_covers_the_worker_and_its_child(
         "orders",
         ["orders"],
     )
+    assert me["exe"] == str(launcher.staged.python.resolve()), me  # /proc/<pid>/exe, as read
     kid = whoami(worker, via_child=True)
     assert (kid["pid"], kid["uid"], kid["function"], kid["scopes"]) == (
         child,

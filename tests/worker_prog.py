@@ -167,6 +167,7 @@ class Worker:
                 "gid": me.gid,
                 "function": me.function or "",
                 "scopes": list(me.scopes),
+                "exe": me.exe,
             }
         if op == "raw_get":
             return raw_get(message["name"])
