@@ -356,16 +356,35 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
     if "memory" in rust:
         m = rust["memory"]
+        s, e = m["secretd"], m["echo"]
+        rest = s["at_rest"]
         rows.append(
-            ("6 RSS at rest, 10k secrets", "info", f"{m['rss_at_rest_kib'] / 1024:.1f} MiB", "")
+            (
+                "6 RSS at rest, 10k secrets",
+                "info",
+                f"{rest['VmRSS'] / 1024:.1f} MiB (anon {rest['RssAnon'] / 1024:.1f}, file "
+                f"{rest['RssFile'] / 1024:.1f}, locked {rest['VmLck'] / 1024:.1f})",
+                "",
+            )
         )
-        mib = m["rss_with_idle_connections_kib"] / 1024
+        idle = s["with_idle_connections"]
+        mib = idle["VmRSS"] / 1024
         rows.append(
             (
                 "6 RSS, 10k secrets + 1k idle connections",
                 "<= 32 MiB",
-                f"{mib:.1f} MiB ({m['per_connection_kib']:.1f} KiB/connection)",
+                f"{mib:.1f} MiB ({s['per_connection_kib']:.1f} KiB/connection; echo floor "
+                f"{e['per_connection_kib']:.1f})",
                 verdict(mib <= 32),
+            )
+        )
+        after = s["after_they_close"]["VmRSS"] / 1024
+        rows.append(
+            (
+                "  RSS after those connections close",
+                "info",
+                f"{after:.1f} MiB (echo floor {e['after_they_close']['VmRSS'] / 1024:.1f})",
+                "",
             )
         )
     shim = r.get("shim", {})

@@ -37,14 +37,14 @@ impl Running {
         self.child.id()
     }
 
-    /// `VmRSS` from `/proc/<pid>/status`, in KiB.
-    pub fn rss_kib(&self) -> anyhow::Result<u64> {
+    /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`, `RssFile`, …).
+    pub fn status_kib(&self, field: &str) -> anyhow::Result<u64> {
         let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
         status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .context("no VmRSS in /proc/<pid>/status")
+            .with_context(|| format!("no {field} in /proc/<pid>/status"))
     }
 
     /// SIGTERM, then wait (SIGKILL after 5 s).
