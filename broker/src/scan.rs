@@ -147,14 +147,21 @@ impl Scanner {
         for pid in pids {
             let read = || -> Result<_, crate::procfs::ProcError> {
                 let status = proc.status(pid)?;
-                let environ = Zeroizing::new(proc.environ(pid)?);
                 let cmdline = Zeroizing::new(proc.cmdline(pid)?);
+                // Kernel threads and zombies have no user memory: an empty cmdline and an
+                // environ that cannot be read. There is nothing in them to leak.
+                let environ = match proc.environ(pid) {
+                    Ok(e) => Some(Zeroizing::new(e)),
+                    Err(_) if cmdline.is_empty() => None,
+                    Err(e) => return Err(e),
+                };
                 Ok((status, environ, cmdline))
             };
             let Ok((status, environ, cmdline)) = read() else {
                 report.skipped += 1;
                 continue;
             };
+            let Some(environ) = environ else { continue };
             report.scanned += 1;
             let environ = found_in(&environ);
             let cmdline = found_in(&cmdline);
@@ -206,10 +213,13 @@ mod tests {
         process(r, 10, b"X=tok-0123456789\0", b"app\0");
         process(r, 20, b"PATH=/bin\0", b"sleep\x0030\0");
         process(r, 40, b"LONG=xx-prefix-hunter2hunter2-suffix-xx\0", b"");
-        // 50 has no status (vanished between listing and reading), 60 no environ.
+        // 50 has no status (vanished between listing and reading), 60 no environ (unreadable),
+        // 70 looks like a kernel thread (empty cmdline, no environ): not even counted.
         fs::create_dir(r.join("50")).unwrap();
-        process(r, 60, b"", b"");
+        process(r, 60, b"", b"app\0");
         fs::remove_file(r.join("60/environ")).unwrap();
+        process(r, 70, b"", b"");
+        fs::remove_file(r.join("70/environ")).unwrap();
         std::os::unix::fs::symlink("/usr/bin/app", r.join("30/exe")).unwrap();
         fs::create_dir(r.join("not-a-pid")).unwrap();
 
