@@ -16,6 +16,7 @@ pub mod peer;
 pub mod policy;
 pub mod procfs;
 pub mod registry;
+pub mod rejected;
 pub mod scan;
 pub mod scrub;
 pub mod server;

@@ -205,6 +205,9 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .layer(crate::rejected::AuditRejectedLayer::new(Arc::clone(
+            &broker,
+        )))
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_max_header_list_size(u32::try_from(limits.max_request_bytes).unwrap_or(u32::MAX))
         .add_service(health)

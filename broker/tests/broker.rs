@@ -685,13 +685,28 @@ fn connection_limit_refuses_extra_connections_but_keeps_serving() {
             .get_secret(pb::GetSecretRequest { name: huge })
             .await
             .unwrap_err();
-        assert_ne!(e.code(), Code::Ok);
+        assert_eq!(e.code(), Code::OutOfRange, "{e}");
         held[0]
             .get_secret(pb::GetSecretRequest {
                 name: "ROOT_A".into(),
             })
             .await
             .unwrap();
+    });
+    // The refused oversized call is audited too (tonic rejects it before any handler runs).
+    eventually("oversized request audited", || {
+        fs::read_to_string(sb.audit())
+            .unwrap_or_default()
+            .lines()
+            .any(|l| {
+                let r: serde_json::Value = serde_json::from_str(l).unwrap();
+                r["rpc"] == "GetSecret"
+                    && r["decision"] == "invalid"
+                    && r["reason"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("max_request_bytes")
+            })
     });
 }
 
