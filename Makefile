@@ -52,9 +52,9 @@ test-e2e: build venv
 lint: venv
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy $(CARGO_ARGS) --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check client-py tests
-	$(VENV)/bin/ruff format --check client-py tests
-	$(VENV)/bin/mypy --strict client-py/src tests
+	$(VENV)/bin/ruff check client-py tests demo
+	$(VENV)/bin/ruff format --check client-py tests demo
+	$(VENV)/bin/mypy --strict client-py/src tests demo
 	$(VENV)/bin/mypy --strict client-py/tests
 
 demo: build venv
