@@ -181,11 +181,12 @@ class Bao:
 # --- the parts ----------------------------------------------------------------------------------
 
 
-def run_rust(bins: Path, quick: bool, calls: int) -> dict[str, Any]:
+def run_rust(bins: Path, quick: bool, calls: int, baseline: str | None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="secretd-bench-") as tmp:
         out = Path(tmp) / "rust.json"
         argv = [str(bins / "secretd-bench"), "suite", "--secretd", str(bins / "secretd")]
         argv += ["--out", str(out), "--calls", str(calls)] + (["--quick"] if quick else [])
+        argv += ["--baseline", baseline] if baseline else []
         subprocess.run(argv, check=True)
         result: dict[str, Any] = json.loads(out.read_text())
         return result
@@ -293,6 +294,22 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "",
             )
         )
+    for key, label in [
+        ("latency", "secretd"),
+        ("scaling", "s10k_scopes1k_match1k"),
+    ]:
+        part = rust.get(key, {})
+        if f"{label}_baseline" in part:
+            before, after = part[f"{label}_baseline"], part[label]
+            rows.append(
+                (
+                    f"  before/after ({key}: {label})",
+                    "info",
+                    f"p50 {before['p50_us']:.0f} -> {after['p50_us']:.0f} us, p99 "
+                    f"{before['p99_us']:.0f} -> {after['p99_us']:.0f} us (interleaved)",
+                    "",
+                )
+            )
     py = r.get("python")
     if py:
         g, h, f = py["secretd.get"], py["health"], py["dev_shm_file"]
@@ -379,11 +396,18 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             )
         )
         after = s["after_they_close"]["VmRSS"] / 1024
+        c = m.get("echo_clearing_alloc")
         rows.append(
             (
                 "  RSS after those connections close",
                 "info",
-                f"{after:.1f} MiB (echo floor {e['after_they_close']['VmRSS'] / 1024:.1f})",
+                f"{after:.1f} MiB (echo floor {e['after_they_close']['VmRSS'] / 1024:.1f}"
+                + (
+                    f", with the clearing allocator {c['after_they_close']['VmRSS'] / 1024:.1f}"
+                    if c
+                    else ""
+                )
+                + ")",
                 "",
             )
         )
@@ -457,6 +481,34 @@ def machine() -> dict[str, str]:
     }
 
 
+METHOD = """## How it was measured
+
+- Every broker is a real `secretd serve` (release build, empty environment) with its secrets
+  from a `[sources.files]` directory of files (10,000 values in the environment would hit the
+  kernel's ARG_MAX), an audit log file, and a socket in a temp dir. The callers run as the
+  same uid, matched by `uid =` scopes.
+- The floor (1, 3) is `secretd-bench echo`: tonic on a Unix socket answering the same
+  `GetSecret` messages with a fixed value of the same size, same runtime shape, no other work.
+  `echo_clearing_alloc` is the same floor with the broker's clear-on-free allocator.
+- Latency: one connection per server, 500 warm-up calls, then the timed calls in 20 rounds
+  whose order rotates; per-call wall time in the client (a current-thread tokio runtime).
+- Throughput: N connections, one closed-loop caller task each (a 2-worker runtime in the
+  bench process), 1 s per run, broker and floor alternating, median of 3.
+- Scaling: 1,000 scopes, each granting `teamNNNN_*` and `shared/teamNNNN/**`; the last also
+  grants `APP_*`. "Matches 1": only the last scope names the bench's uid; "matches all": every
+  scope does, so the grant has 1,000 scopes and only the last covers the name read.
+- Start-up: wall time from spawn (fork + exec) to `READY` on `--ready-fd`, median of 7.
+- Memory: `VmRSS` (and its anon/file/locked parts) of the broker 0.5 s after READY, then with
+  1,000 connections that each made one call and stay open, then after they close; the echo
+  floor (with and without the clearing allocator) gets the same connections.
+- Python: `secretd.get` (secretd.Client), a raw `grpc.health.v1.Health/Check` on the same
+  socket, an open+read of the same value from a file under /dev/shm, and a KV v2 GET from a
+  `bao server -dev` on loopback (one keep-alive `http.client` connection, JSON decoded), all
+  interleaved in 20 rotating rounds.
+
+"""
+
+
 def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
     m = r["machine"]
     extra = []
@@ -484,7 +536,7 @@ def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
         "(the machine is shared with other builds and tests)\n"
         f"- commit: {m['commit']}\n"
         f"- calls per latency comparison: {r['calls']}\n\n"
-        "## Summary\n\n```\n" + text_table + "\n```\n\n"
+        "## Summary\n\n```\n" + text_table + "\n```\n\n" + METHOD
         "## Other benchmark scripts\n\n" + "\n".join(extra) + "\n"
         "## Raw results (JSON)\n\n```json\n" + raw + "\n```\n"
     )
@@ -496,6 +548,11 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=5000, help="calls per latency comparison")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
     parser.add_argument("--skip", default="", help="comma list: rust,python,shim,extra")
+    parser.add_argument(
+        "--baseline",
+        metavar="SECRETD",
+        help="another secretd build (e.g. before a fix) interleaved in latency and scaling",
+    )
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     calls = min(args.calls, 1000) if args.quick else args.calls
@@ -511,7 +568,7 @@ def main() -> int:
         "rust": {},
     }
     if "rust" not in skip:
-        r["rust"] = run_rust(bins, args.quick, calls)
+        r["rust"] = run_rust(bins, args.quick, calls, args.baseline)
     if "python" not in skip:
         print("bench: python latency …", file=sys.stderr)
         r["python"], why = run_python(bins, calls)

@@ -380,7 +380,8 @@ impl Suite {
 
     /// Item 6: broker RSS with 10,000 secrets at rest, then with 1,000 idle connections (each
     /// made one call, so it is attested and its HTTP/2 session is set up, then stays open).
-    /// The echo floor gets the same 1,000 connections: what the transport alone costs.
+    /// The echo floor gets the same 1,000 connections: what the transport alone costs; and
+    /// again with the clearing allocator: what clearing on free adds.
     fn memory(&self) -> anyhow::Result<Value> {
         let (dir, broker) = self.broker(BrokerShape {
             secrets: 10_000,
@@ -388,6 +389,7 @@ impl Suite {
             matched: 1,
         })?;
         let echo = self.echo(&dir, false)?;
+        let echo_clearing = self.echo(&dir, true)?;
         std::thread::sleep(Duration::from_millis(500));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -395,7 +397,11 @@ impl Suite {
             .build()?;
         let conns = 1000;
         let mut out = serde_json::Map::new();
-        for (label, server) in [("secretd", &broker), ("echo", &echo)] {
+        for (label, server) in [
+            ("secretd", &broker),
+            ("echo", &echo),
+            ("echo_clearing_alloc", &echo_clearing),
+        ] {
             let rest = snapshot(server)?;
             let (idle, after) = runtime.block_on(async {
                 let clients = connect_many(&server.socket, conns).await?;
@@ -419,6 +425,7 @@ impl Suite {
         }
         broker.stop();
         echo.stop();
+        echo_clearing.stop();
         out.insert("secrets".to_owned(), json!(10_000));
         out.insert("idle_connections".to_owned(), json!(conns));
         Ok(Value::Object(out))
