@@ -745,10 +745,18 @@ impl Endpoint {
     }
 }
 
+/// Parse a JSON response. serde_json's messages quote the offending input ("invalid type:
+/// string \"…\""), which may be a value or a token, so only the error's kind and position are
+/// kept.
 fn decode<'a, T: Deserialize<'a>>(what: &str, body: &'a [u8]) -> Result<T, OpenBaoError> {
     serde_json::from_slice(body).map_err(|e| OpenBaoError::Decode {
         what: what.to_owned(),
-        reason: e.to_string(),
+        reason: format!(
+            "malformed JSON ({:?} error at line {} column {})",
+            e.classify(),
+            e.line(),
+            e.column()
+        ),
     })
 }
 
@@ -1034,6 +1042,28 @@ fn summarize(failures: &[OpenBaoError]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_errors_never_quote_the_response() {
+        let body = br#"{"data":{"data":"s3cr3t-connection-string"}}"#;
+        let e = decode::<KvBody>("read secret/apps/orders", body)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(!e.contains("s3cr3t"), "{e}");
+        assert!(
+            e.starts_with(
+                "read secret/apps/orders: unexpected response: malformed JSON (Data error"
+            ),
+            "{e}"
+        );
+        let body = br#"{"auth":{"client_token":12345678901234}}"#;
+        let e = decode::<AuthBody>("login", body)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(!e.contains("12345678901234"), "{e}");
+    }
 
     #[test]
     fn paths_are_percent_encoded_per_segment() {
