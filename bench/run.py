@@ -536,8 +536,13 @@ def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
         "(the machine is shared with other builds and tests)\n"
         f"- commit: {m['commit']}\n"
         f"- calls per latency comparison: {r['calls']}\n\n"
-        "## Summary\n\n```\n" + text_table + "\n```\n\n" + METHOD
-        "## Other benchmark scripts\n\n" + "\n".join(extra) + "\n"
+        "## Summary\n\n```\n"
+        + text_table
+        + "\n```\n\n"
+        + METHOD
+        + "## Other benchmark scripts\n\n"
+        + "\n".join(extra)
+        + "\n"
         "## Raw results (JSON)\n\n```json\n" + raw + "\n```\n"
     )
 
