@@ -61,9 +61,10 @@ demo: build venv
 	$(PY) demo/demo.py
 
 ## bench: release build, then every benchmark side by side; prints a table, writes bench/RESULTS.md
+##        (BASELINE=/path/to/older/secretd adds that build to the interleaved latency runs)
 bench: venv
 	$(CARGO) build $(CARGO_ARGS) --workspace --bins
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(if $(BASELINE),--baseline $(BASELINE))
 
 clean:
 	$(CARGO) clean
