@@ -187,6 +187,7 @@ def run_rust(bins: Path, quick: bool, calls: int, baseline: str | None) -> dict[
         argv = [str(bins / "secretd-bench"), "suite", "--secretd", str(bins / "secretd")]
         argv += ["--out", str(out), "--calls", str(calls)] + (["--quick"] if quick else [])
         argv += ["--baseline", baseline] if baseline else []
+        argv += ["--pin"] if shutil.which("taskset") else []
         subprocess.run(argv, check=True)
         result: dict[str, Any] = json.loads(out.read_text())
         return result
@@ -273,17 +274,21 @@ def verdict(ok: bool | None) -> str:
 def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     rows: list[tuple[str, str, str, str]] = []
     rust = r["rust"]
-    if "latency" in rust:
-        lat = rust["latency"]
+    for lkey, how in [("latency", "unpinned"), ("latency_pinned", "pinned")]:
+        if lkey not in rust:
+            continue
+        lat = rust[lkey]
         s, e, c = lat["secretd"], lat["echo"], lat["echo_clearing_alloc"]
         ratio = s["p50_us"] / e["p50_us"]
+        # The pinned run is the one judged when there is one (see METHOD).
+        judged = lkey == "latency_pinned" or "latency_pinned" not in rust
         rows.append(
             (
-                "1 Rust GetSecret p50 vs tonic echo floor",
-                "<= 1.25x",
+                f"1 Rust GetSecret p50 vs tonic echo floor ({how})",
+                "<= 1.25x" if judged else "info",
                 f"{ratio:.2f}x ({s['p50_us']:.0f} vs {e['p50_us']:.0f} us; p99 "
                 f"{s['p99_us']:.0f} vs {e['p99_us']:.0f} us)",
-                verdict(ratio <= 1.25),
+                verdict(ratio <= 1.25) if judged else "",
             )
         )
         rows.append(
@@ -294,19 +299,15 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "",
             )
         )
-    for key, label in [
-        ("latency", "secretd"),
-        ("scaling", "s10k_scopes1k_match1k"),
-    ]:
-        part = rust.get(key, {})
-        if f"{label}_baseline" in part:
-            before, after = part[f"{label}_baseline"], part[label]
+        if "secretd_baseline" in lat:
+            before = lat["secretd_baseline"]
             rows.append(
                 (
-                    f"  before/after ({key}: {label})",
+                    "  before/after the fixes",
                     "info",
-                    f"p50 {before['p50_us']:.0f} -> {after['p50_us']:.0f} us, p99 "
-                    f"{before['p99_us']:.0f} -> {after['p99_us']:.0f} us (interleaved)",
+                    f"p50 {before['p50_us']:.0f} -> {s['p50_us']:.0f} us "
+                    f"({before['p50_us'] / e['p50_us']:.2f}x -> {ratio:.2f}x floor), p99 "
+                    f"{before['p99_us']:.0f} -> {s['p99_us']:.0f} us",
                     "",
                 )
             )
@@ -343,20 +344,29 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                     verdict(ratio >= 0.8) if clients == "32" else "",
                 )
             )
-    if "scaling" in rust:
-        sc = rust["scaling"]
+    for skey, how in [("scaling", "unpinned"), ("scaling_pinned", "pinned")]:
+        if skey not in rust:
+            continue
+        sc = rust[skey]
         base = sc["s10_scopes1"]["p50_us"]
+        judged = skey == "scaling_pinned" or "scaling_pinned" not in rust
         for key, label in [
-            ("s10k_scopes1k_match1", "caller matches 1 scope"),
-            ("s10k_scopes1k_match1k", "caller matches all 1,000"),
+            ("s10k_scopes1k_match1", "matches 1"),
+            ("s10k_scopes1k_match1k", "matches all"),
         ]:
             ratio = sc[key]["p50_us"] / base
+            before = sc.get(f"{key}_baseline")
+            was = (
+                f"; before the fixes {before['p50_us'] / sc['s10_scopes1_baseline']['p50_us']:.2f}x"
+                if before and "s10_scopes1_baseline" in sc
+                else ""
+            )
             rows.append(
                 (
-                    f"4 p50 10k secrets/1k scopes ({label}) vs 10/1",
-                    "<= 1.1x",
-                    f"{ratio:.2f}x ({sc[key]['p50_us']:.0f} vs {base:.0f} us)",
-                    verdict(ratio <= 1.1),
+                    f"4 p50 10k secrets/1k scopes (caller {label}) vs 10/1 ({how})",
+                    "<= 1.1x" if judged else "info",
+                    f"{ratio:.2f}x ({sc[key]['p50_us']:.0f} vs {base:.0f} us{was})",
+                    verdict(ratio <= 1.1) if judged else "",
                 )
             )
     if "startup" in rust:
@@ -492,6 +502,11 @@ METHOD = """## How it was measured
   `echo_clearing_alloc` is the same floor with the broker's clear-on-free allocator.
 - Latency: one connection per server, 500 warm-up calls, then the timed calls in 20 rounds
   whose order rotates; per-call wall time in the client (a current-thread tokio runtime).
+  Unpinned runs are what callers see, but on a 2-vCPU VM a round trip is ~30 us when the
+  server thread runs where the client does not and ~100+ us otherwise, and that placement
+  sticks to a server process for a while, so one server of a comparison can be unlucky.
+  Pinned runs (client on CPU 0, every server on CPU 1, via taskset) make the placement the
+  same for all servers; both are reported, and the targets are judged on the pinned runs.
 - Throughput: N connections, one closed-loop caller task each (a 2-worker runtime in the
   bench process), 1 s per run, broker and floor alternating, median of 3.
 - Scaling: 1,000 scopes, each granting `teamNNNN_*` and `shared/teamNNNN/**`; the last also

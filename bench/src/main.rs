@@ -80,6 +80,11 @@ enum Cmd {
         /// latency and scaling runs, as `*_baseline`.
         #[arg(long)]
         baseline: Option<PathBuf>,
+        /// Also measure latency and scaling with the client on CPU 0 and every server on CPU 1
+        /// (`*_pinned`): on a small VM, whether a server thread shares the client's CPU changes
+        /// a round trip by tens of microseconds; pinning makes that the same for every server.
+        #[arg(long)]
+        pin: bool,
         /// Only these items (comma-separated: latency,throughput,scaling,startup,memory).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
@@ -127,28 +132,38 @@ fn main() -> anyhow::Result<()> {
             calls,
             quick,
             baseline,
+            pin,
             only,
         } => {
             raise_nofile();
             let want = |item: &str| only.is_empty() || only.iter().any(|o| o == item);
+            let all_cpus = format!(
+                "0-{}",
+                std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+            );
             let s = Suite {
                 secretd,
                 baseline,
+                pin: pin.then_some(all_cpus),
                 calls: if quick { calls.min(1000) } else { calls },
                 quick,
             };
             let mut results = serde_json::Map::new();
+            let pinned = s.pin.is_some();
             for (item, run) in [
                 (
                     "latency",
-                    Suite::latency as fn(&Suite) -> anyhow::Result<Value>,
+                    (|s: &Suite| s.latency(false)) as fn(&Suite) -> anyhow::Result<Value>,
                 ),
+                ("latency_pinned", |s: &Suite| s.latency(true)),
                 ("throughput", Suite::throughput),
-                ("scaling", Suite::scaling),
+                ("scaling", |s: &Suite| s.scaling(false)),
+                ("scaling_pinned", |s: &Suite| s.scaling(true)),
                 ("startup", Suite::startup),
                 ("memory", Suite::memory),
             ] {
-                if !want(item) {
+                let base = item.trim_end_matches("_pinned");
+                if !want(base) || (item != base && !pinned) {
                     continue;
                 }
                 eprintln!("bench: {item} …");
@@ -189,6 +204,8 @@ fn stats_json(all: &[(String, Stats)]) -> Value {
 struct Suite {
     secretd: PathBuf,
     baseline: Option<PathBuf>,
+    /// `Some(all CPUs)` when latency runs are pinned (see `--pin`).
+    pin: Option<String>,
     calls: usize,
     quick: bool,
 }
@@ -202,50 +219,82 @@ const SMALL: BrokerShape = BrokerShape {
 
 impl Suite {
     fn broker(&self, shape: BrokerShape) -> anyhow::Result<(BrokerDir, Running)> {
+        self.broker_on(shape, None)
+    }
+
+    fn broker_on(
+        &self,
+        shape: BrokerShape,
+        cpu: Option<usize>,
+    ) -> anyhow::Result<(BrokerDir, Running)> {
         let dir = BrokerDir::new(shape)?;
-        let running = dir.start(&self.secretd)?;
+        let running = dir.start(&self.secretd, cpu)?;
         Ok((dir, running))
     }
 
+    /// The CPU servers of a pinned latency run use.
+    fn server_cpu(&self, pinned: bool) -> Option<usize> {
+        pinned.then_some(1)
+    }
+
+    /// Run `f` with the main thread (the current-thread client) on CPU 0 when `pinned`.
+    fn pinned<T>(&self, pinned: bool, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let (true, Some(all)) = (pinned, &self.pin) else {
+            return f();
+        };
+        procs::pin_main_thread("0")?;
+        let result = f();
+        procs::pin_main_thread(all)?;
+        result
+    }
+
     /// The `--baseline` build on the same shape, if one was given.
-    fn baseline(&self, shape: BrokerShape) -> anyhow::Result<Option<(BrokerDir, Running)>> {
+    fn baseline(
+        &self,
+        shape: BrokerShape,
+        pinned: bool,
+    ) -> anyhow::Result<Option<(BrokerDir, Running)>> {
         let Some(bin) = &self.baseline else {
             return Ok(None);
         };
         let dir = BrokerDir::new(shape)?;
-        let running = dir.start(bin)?;
+        let running = dir.start(bin, self.server_cpu(pinned))?;
         Ok(Some((dir, running)))
     }
 
-    fn echo(&self, dir: &BrokerDir, clearing: bool) -> anyhow::Result<Running> {
+    fn echo(&self, dir: &BrokerDir, clearing: bool, cpu: Option<usize>) -> anyhow::Result<Running> {
         let tag = if clearing { "echo-clearing" } else { "echo" };
         start_echo(
             &dir.dir.path().join(format!("{tag}.sock")),
             clearing,
             &dir.dir.path().join(format!("{tag}.log")),
+            cpu,
         )
     }
 
     /// Item 1: GetSecret on the broker vs the echo floor (and the floor with the clearing
     /// allocator, which prices the allocator alone), interleaved, one connection each.
-    fn latency(&self) -> anyhow::Result<Value> {
-        let (dir, broker) = self.broker(SMALL)?;
-        let echo = self.echo(&dir, false)?;
-        let echo_clearing = self.echo(&dir, true)?;
-        let baseline = self.baseline(SMALL)?;
-        let all = current_thread()?.block_on(async {
-            let mut targets = vec![
-                ("secretd".to_owned(), connect(&broker.socket).await?),
-                ("echo".to_owned(), connect(&echo.socket).await?),
-                (
-                    "echo_clearing_alloc".to_owned(),
-                    connect(&echo_clearing.socket).await?,
-                ),
-            ];
-            if let Some((_, b)) = &baseline {
-                targets.push(("secretd_baseline".to_owned(), connect(&b.socket).await?));
-            }
-            latency(&mut targets, self.calls, 20).await
+    fn latency(&self, pinned: bool) -> anyhow::Result<Value> {
+        let cpu = self.server_cpu(pinned);
+        let (dir, broker) = self.broker_on(SMALL, cpu)?;
+        let echo = self.echo(&dir, false, cpu)?;
+        let echo_clearing = self.echo(&dir, true, cpu)?;
+        let baseline = self.baseline(SMALL, pinned)?;
+        let all = self.pinned(pinned, || {
+            current_thread()?.block_on(async {
+                let mut targets = vec![
+                    ("secretd".to_owned(), connect(&broker.socket).await?),
+                    ("echo".to_owned(), connect(&echo.socket).await?),
+                    (
+                        "echo_clearing_alloc".to_owned(),
+                        connect(&echo_clearing.socket).await?,
+                    ),
+                ];
+                if let Some((_, b)) = &baseline {
+                    targets.push(("secretd_baseline".to_owned(), connect(&b.socket).await?));
+                }
+                latency(&mut targets, self.calls, 20).await
+            })
         })?;
         if let Some((_, b)) = baseline {
             b.stop();
@@ -260,7 +309,7 @@ impl Suite {
     /// broker and the floor alternating; median of the repetitions.
     fn throughput(&self) -> anyhow::Result<Value> {
         let (dir, broker) = self.broker(SMALL)?;
-        let echo = self.echo(&dir, false)?;
+        let echo = self.echo(&dir, false, None)?;
         let (duration, reps) = if self.quick {
             (Duration::from_millis(300), 1)
         } else {
@@ -301,7 +350,7 @@ impl Suite {
 
     /// Item 4: p50 with 10 secrets/1 scope vs 10,000 secrets/1,000 scopes (the caller matching
     /// one of them, or all of them), interleaved.
-    fn scaling(&self) -> anyhow::Result<Value> {
+    fn scaling(&self, pinned: bool) -> anyhow::Result<Value> {
         let shapes = [
             ("s10_scopes1", SMALL),
             (
@@ -323,17 +372,22 @@ impl Suite {
         ];
         let mut brokers = Vec::new();
         for (label, shape) in shapes {
-            brokers.push((label.to_owned(), self.broker(shape)?));
-            if let Some(b) = self.baseline(shape)? {
+            brokers.push((
+                label.to_owned(),
+                self.broker_on(shape, self.server_cpu(pinned))?,
+            ));
+            if let Some(b) = self.baseline(shape, pinned)? {
                 brokers.push((format!("{label}_baseline"), b));
             }
         }
-        let all = current_thread()?.block_on(async {
-            let mut targets = Vec::new();
-            for (label, (_, running)) in &brokers {
-                targets.push((label.clone(), connect(&running.socket).await?));
-            }
-            latency(&mut targets, self.calls, 20).await
+        let all = self.pinned(pinned, || {
+            current_thread()?.block_on(async {
+                let mut targets = Vec::new();
+                for (label, (_, running)) in &brokers {
+                    targets.push((label.clone(), connect(&running.socket).await?));
+                }
+                latency(&mut targets, self.calls, 20).await
+            })
         })?;
         for (_, (_, running)) in brokers {
             running.stop();
@@ -356,12 +410,12 @@ impl Suite {
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); sizes.len()];
         // One untimed start each: page cache and binary warm.
         for dir in &dirs {
-            dir.start(&self.secretd)?.stop();
+            dir.start(&self.secretd, None)?.stop();
         }
         for rep in 0..reps {
             for k in 0..dirs.len() {
                 let i = (rep + k) % dirs.len();
-                let running = dirs[i].start(&self.secretd)?;
+                let running = dirs[i].start(&self.secretd, None)?;
                 times[i].push(running.ready_after.as_secs_f64() * 1000.0);
                 running.stop();
             }
@@ -388,8 +442,8 @@ impl Suite {
             scopes: 1,
             matched: 1,
         })?;
-        let echo = self.echo(&dir, false)?;
-        let echo_clearing = self.echo(&dir, true)?;
+        let echo = self.echo(&dir, false, None)?;
+        let echo_clearing = self.echo(&dir, true, None)?;
         std::thread::sleep(Duration::from_millis(500));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)

@@ -185,9 +185,10 @@ impl BrokerDir {
         self.dir.path().join("run/secretd.sock")
     }
 
-    /// Start `secretd serve` on this dir's config with an empty environment.
-    pub fn start(&self, secretd: &Path) -> anyhow::Result<Running> {
-        let mut cmd = Command::new(secretd);
+    /// Start `secretd serve` on this dir's config with an empty environment (on `cpu` only,
+    /// if given).
+    pub fn start(&self, secretd: &Path, cpu: Option<usize>) -> anyhow::Result<Running> {
+        let mut cmd = command_on(secretd, cpu);
         cmd.arg("serve")
             .arg("--config")
             .arg(self.dir.path().join("secretd.toml"))
@@ -197,8 +198,13 @@ impl BrokerDir {
 }
 
 /// Start this binary's echo floor on `socket`; `clearing` turns on the clearing allocator.
-pub fn start_echo(socket: &Path, clearing: bool, log: &Path) -> anyhow::Result<Running> {
-    let mut cmd = Command::new(std::env::current_exe()?);
+pub fn start_echo(
+    socket: &Path,
+    clearing: bool,
+    log: &Path,
+    cpu: Option<usize>,
+) -> anyhow::Result<Running> {
+    let mut cmd = command_on(&std::env::current_exe()?, cpu);
     cmd.arg("echo")
         .arg("--socket")
         .arg(socket)
@@ -208,4 +214,27 @@ pub fn start_echo(socket: &Path, clearing: bool, log: &Path) -> anyhow::Result<R
         cmd.arg("--clearing-alloc");
     }
     spawn_ready(cmd, socket.to_owned(), log)
+}
+
+/// `program`, run on one CPU through `taskset` when `cpu` is given (taskset execs it: same pid).
+fn command_on(program: &Path, cpu: Option<usize>) -> Command {
+    match cpu {
+        Some(cpu) => {
+            let mut cmd = Command::new("taskset");
+            cmd.arg("-c").arg(cpu.to_string()).arg(program);
+            cmd
+        }
+        None => Command::new(program),
+    }
+}
+
+/// Restrict the calling (main) thread to `cpus` (a taskset list such as `0` or `0-1`).
+pub fn pin_main_thread(cpus: &str) -> anyhow::Result<()> {
+    let status = Command::new("taskset")
+        .args(["-p", "-c", cpus, &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .context("running taskset")?;
+    anyhow::ensure!(status.success(), "taskset -p -c {cpus} failed");
+    Ok(())
 }
