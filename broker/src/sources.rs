@@ -85,7 +85,9 @@ pub fn select_env(source: &EnvSource, vars: Vec<(String, SecretBox<[u8]>)>) -> S
 
 /// Read every secret file of `dirs`.
 pub fn read_files(dirs: &[PathBuf]) -> Result<Secrets, SourceError> {
-    let mut out: Vec<(SecretName, SecretBox<[u8]>, PathBuf)> = Vec::new();
+    let mut out: Secrets = Vec::new();
+    // Which file provided each name, to report duplicates across directories.
+    let mut seen: std::collections::HashMap<SecretName, PathBuf> = std::collections::HashMap::new();
     for dir in dirs {
         let entries = std::fs::read_dir(dir).map_err(|source| SourceError::ReadDir {
             path: dir.clone(),
@@ -120,7 +122,7 @@ pub fn read_files(dirs: &[PathBuf]) -> Result<Secrets, SourceError> {
                 tracing::warn!(path = %path.display(), "file name is not a valid secret name; skipped");
                 continue;
             };
-            if let Some((_, _, first)) = out.iter().find(|(n, _, _)| *n == name) {
+            if let Some(first) = seen.get(&name) {
                 return Err(SourceError::Duplicate {
                     name: file_name,
                     first: first.clone(),
@@ -128,10 +130,11 @@ pub fn read_files(dirs: &[PathBuf]) -> Result<Secrets, SourceError> {
                 });
             }
             let value = read_limited(&path)?;
-            out.push((name, value, path));
+            seen.insert(name.clone(), path);
+            out.push((name, value));
         }
     }
-    Ok(out.into_iter().map(|(n, v, _)| (n, v)).collect())
+    Ok(out)
 }
 
 fn read_limited(path: &Path) -> Result<SecretBox<[u8]>, SourceError> {
