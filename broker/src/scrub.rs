@@ -118,23 +118,45 @@ pub fn harden() -> HardenReport {
     report
 }
 
+/// Whether our effective capabilities include `CAP_IPC_LOCK` (bit 14), which exempts us from
+/// `RLIMIT_MEMLOCK`.
+fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
 /// `mlockall(MCL_CURRENT | MCL_FUTURE)` only when the memlock limit is unlimited: with a finite
 /// limit, MCL_FUTURE would make ordinary allocations fail once the limit is reached, which
 /// would take the broker down. Otherwise lock what is mapped now (the secrets read from the
 /// environment) and say that later allocations are not locked.
 fn lock_memory(warnings: &mut Vec<String>) -> &'static str {
     use nix::sys::resource::{RLIM_INFINITY, Resource, getrlimit, setrlimit};
-    let unlimited = match getrlimit(Resource::RLIMIT_MEMLOCK) {
-        Ok((soft, _)) if soft == RLIM_INFINITY => true,
-        Ok((_, hard)) if hard == RLIM_INFINITY => {
-            setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY).is_ok()
-        }
-        _ => false,
-    };
+    // CAP_IPC_LOCK lifts the limit entirely (root usually has it).
+    let unlimited = has_cap_ipc_lock()
+        || match getrlimit(Resource::RLIMIT_MEMLOCK) {
+            Ok((soft, _)) if soft == RLIM_INFINITY => true,
+            Ok((_, hard)) if hard == RLIM_INFINITY => {
+                setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY).is_ok()
+            }
+            _ => false,
+        };
+    // MCL_ONFAULT: lock pages as they are touched instead of faulting in every mapping now —
+    // plain MCL_CURRENT would read the whole binary (~10 MiB) into locked memory for nothing.
+    // Secret pages are touched when written, so they are locked all the same.
     let flags = if unlimited {
-        libc::MCL_CURRENT | libc::MCL_FUTURE
+        libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT
     } else {
-        libc::MCL_CURRENT
+        libc::MCL_CURRENT | libc::MCL_ONFAULT
     };
     if let Err(e) = crate::sys::mlockall(flags) {
         warnings.push(format!(
