@@ -550,7 +550,13 @@ def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
         f"Python {m['python']}; load average at start {m['load_average_at_start']} "
         "(the machine is shared with other builds and tests)\n"
         f"- commit: {m['commit']}\n"
-        f"- calls per latency comparison: {r['calls']}\n\n"
+        f"- calls per latency comparison: {r['calls']}\n"
+        + (
+            f'- baseline (the "before" rows, same interleaved runs): {r["baseline"]}\n'
+            if r.get("baseline")
+            else ""
+        )
+        + "\n"
         "## Summary\n\n```\n"
         + text_table
         + "\n```\n\n"
@@ -573,6 +579,7 @@ def main() -> int:
         metavar="SECRETD",
         help="another secretd build (e.g. before a fix) interleaved in latency and scaling",
     )
+    parser.add_argument("--baseline-label", help="how RESULTS.md describes --baseline")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     calls = min(args.calls, 1000) if args.quick else args.calls
@@ -585,6 +592,7 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "calls": calls,
+        "baseline": args.baseline_label or args.baseline,
         "rust": {},
     }
     if "rust" not in skip:
