@@ -1,13 +1,15 @@
-//! The bench's global allocator: `System`, or — once [`enable_clearing`] is called — `System`
-//! plus a wipe of every block on free, the same work the broker's `ZeroizingAlloc` does
-//! (`broker/src/alloc.rs`). Running the echo floor both ways prices the broker's clearing
-//! allocator on an otherwise identical server.
+//! The bench's global allocator: `System`, or — once [`enable_clearing`] is called — the
+//! broker's own `ZeroizingAlloc` (`broker/src/alloc.rs`), which wipes every block on free.
+//! Running the echo floor both ways prices the clearing allocator on an otherwise identical
+//! server.
 #![allow(unsafe_code)]
 
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     sync::atomic::{AtomicBool, Ordering},
 };
+
+use secretd::alloc::ZeroizingAlloc;
 
 static CLEARING: AtomicBool = AtomicBool::new(false);
 
@@ -19,17 +21,10 @@ pub fn enable_clearing() {
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SwitchableAlloc;
 
-/// # Safety
-/// `ptr` must be valid for writes of `len` bytes.
-#[inline]
-unsafe fn wipe(ptr: *mut u8, len: usize) {
-    // SAFETY: the caller guarantees `ptr..ptr+len` is a live, writable allocation.
-    unsafe { std::ptr::write_bytes(ptr, 0, len) };
-    std::hint::black_box(ptr);
-}
-
-// SAFETY: every method forwards to `System` with the caller's layout; the optional wipe only
-// writes inside the block being released (as the broker's allocator does).
+// SAFETY: every method forwards to `System` or to the broker's `ZeroizingAlloc` (itself a
+// sound `GlobalAlloc` over `System`). The switch is flipped once, before any thread and before
+// the first allocation that could be freed under the other mode matters: both modes free
+// through `System`, so a block allocated under one may be freed under the other.
 unsafe impl GlobalAlloc for SwitchableAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         // SAFETY: forwarded unchanged.
@@ -42,34 +37,24 @@ unsafe impl GlobalAlloc for SwitchableAlloc {
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // SAFETY: `ptr` is ours with `layout`, so writable for `layout.size()` bytes.
+        // SAFETY: forwarded unchanged; both allocators free through `System`.
         unsafe {
             if CLEARING.load(Ordering::Relaxed) {
-                wipe(ptr, layout.size());
+                ZeroizingAlloc.dealloc(ptr, layout);
+            } else {
+                System.dealloc(ptr, layout);
             }
-            System.dealloc(ptr, layout);
         }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if !CLEARING.load(Ordering::Relaxed) {
-            // SAFETY: forwarded unchanged.
-            return unsafe { System.realloc(ptr, layout, new_size) };
-        }
-        // As the broker does: allocate, copy, wipe, free (a moving realloc must not leave
-        // the old bytes behind).
-        // SAFETY: `new_size` is valid for `layout.align()` per `realloc`'s contract.
-        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        // SAFETY: valid non-zero layout.
-        let new = unsafe { System.alloc(new_layout) };
-        if !new.is_null() {
-            // SAFETY: both blocks are live and distinct; the old one is released once.
-            unsafe {
-                std::ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size));
-                wipe(ptr, layout.size());
-                System.dealloc(ptr, layout);
+        // SAFETY: forwarded unchanged; both allocators allocate and free through `System`.
+        unsafe {
+            if CLEARING.load(Ordering::Relaxed) {
+                ZeroizingAlloc.realloc(ptr, layout, new_size)
+            } else {
+                System.realloc(ptr, layout, new_size)
             }
         }
-        new
     }
 }

@@ -26,7 +26,9 @@ pub mod state;
 pub mod store;
 pub mod sys;
 
-/// Every heap block is cleared when freed (see [`alloc`]): secrets pass through buffers we do
-/// not own (prost, hyper, std::env), and this is the one place that reaches all of them.
+/// The broker binary installs [`alloc::ZeroizingAlloc`] as its global allocator (`main.rs`);
+/// the library's own unit tests run under it too. Other users of the library (the benchmark)
+/// choose their allocator themselves.
+#[cfg(test)]
 #[global_allocator]
-static ALLOCATOR: alloc::ZeroizingAlloc = alloc::ZeroizingAlloc;
+static TEST_ALLOCATOR: alloc::ZeroizingAlloc = alloc::ZeroizingAlloc;

@@ -27,6 +27,11 @@ use secretd::{
 };
 use secretd_proto::v1::{self as pb, admin_client::AdminClient, secrets_client::SecretsClient};
 
+/// Every heap block is cleared when freed (see `secretd::alloc`): secrets pass through buffers
+/// we do not own (prost, hyper, std::env), and this is the one place that reaches all of them.
+#[global_allocator]
+static ALLOCATOR: secretd::alloc::ZeroizingAlloc = secretd::alloc::ZeroizingAlloc;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "secretd",
