@@ -801,3 +801,38 @@ fn health_reflection_and_watch() {
         assert_eq!(e.code(), Code::NotFound);
     });
 }
+
+#[test]
+fn stream_limit_is_advertised_to_every_connection() {
+    require_root!();
+    use std::io::{Read, Write};
+    let sb = Sandbox::new();
+    sb.write_config(&format!(
+        "{POLICY}\n[limits]\nmax_streams_per_connection = 7\n"
+    ));
+    let b = start(&sb, &[]);
+    // Speak raw HTTP/2: the client preface and an empty SETTINGS frame; the server answers with
+    // its own SETTINGS, which carry SETTINGS_MAX_CONCURRENT_STREAMS (id 3).
+    let mut s = std::os::unix::net::UnixStream::connect(&b.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let max_streams = loop {
+        let mut header = [0u8; 9];
+        s.read_exact(&mut header).unwrap();
+        let len =
+            usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+        let mut payload = vec![0u8; len];
+        s.read_exact(&mut payload).unwrap();
+        let (kind, ack) = (header[3], header[4] & 1 == 1);
+        if kind != 4 || ack {
+            continue;
+        }
+        let value = payload.chunks_exact(6).find_map(|e| {
+            (u16::from_be_bytes([e[0], e[1]]) == 3)
+                .then(|| u32::from_be_bytes([e[2], e[3], e[4], e[5]]))
+        });
+        break value;
+    };
+    assert_eq!(max_streams, Some(7));
+}
