@@ -336,6 +336,20 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
+        // `spawn` returns once the child's exec has switched memory maps, which is before the
+        // kernel records where argv and envp live: wait until /proc shows the new command line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !fs::read(format!("/proc/{pid}/cmdline"))
+            .unwrap_or_default()
+            .windows(arg_value.len())
+            .any(|w| w == arg_value.as_bytes())
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "child never showed its argv"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
 
         let secrets = [
             ("ENV_SECRET", env_value.as_bytes()),
