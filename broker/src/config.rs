@@ -1477,23 +1477,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.pem");
         // A real (self-signed, EC) certificate: the check parses the PEM.
-        fs::write(
-            &ca,
-            "-----BEGIN CERTIFICATE-----
-MIIBtTCCAVqgAwIBAgIUHSOOKsZVWJ81F4ZTmonoHONG7OYwCgYIKoZIzj0EAwIw
-FzEVMBMGA1UEAxMMVmF1bHQgRGV2IENBMB4XDTI2MTEyODE1MzcxN1oXDTM2MTEy
-NTE1MzgxN1owFzEVMBMGA1UEAxMMVmF1bHQgRGV2IENBMFkwEwYHKoZIzj0CAQYI
-KoZIzj0DAQcDQgAEhVCbpLRkzoAkxD22L7H/gJXtUOMCT4MMeTpEzATn0WsknK9h
-UNeAo6/Z2Aw7V5lmbUm1VM0aYGmNTq0OFlvKY6OBgzCBgDAOBgNVHQ8BAf8EBAMC
-AgQwHQYDVR0lBBYwFAYIKwYBBQUHAwEGCCsGAQUFBwMCMA8GA1UdEwEB/wQFMAMB
-Af8wHQYDVR0OBBYEFIK05bKMHITHHGAgC5ntGqz3zcj2MB8GA1UdIwQYMBaAFIK0
-5bKMHITHHGAgC5ntGqz3zcj2MAoGCCqGSM49BAMCA0kAMEYCIQCCfUX3Byii9RaD
-7j2WEIL+VmipHITfQc+jizGnvolcXAIhALkPW68APWzI94DbUdv6c1d6TAx3Hkts
-LTM+kZBi0wcG
------END CERTIFICATE-----
-",
-        )
-        .unwrap();
+        fs::write(&ca, include_str!("../tests/data/foreign-ca.pem")).unwrap();
         let cred = dir.path().join("secret-id");
         fs::write(&cred, "s.secret\n").unwrap();
         fs::set_permissions(&cred, fs::Permissions::from_mode(0o600)).unwrap();

@@ -263,10 +263,6 @@ impl PeerStream {
             revoked_close: None,
         }
     }
-
-    pub fn peer(&self) -> &PeerInfo {
-        &self.peer
-    }
 }
 
 impl Connected for PeerStream {

@@ -153,10 +153,6 @@ impl Broker {
         Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    pub fn config_origin(&self) -> &ConfigOrigin {
-        &self.origin
-    }
-
     pub fn policy_generation(&self) -> u64 {
         self.policy_gen.load(Ordering::Acquire)
     }

@@ -178,13 +178,6 @@ impl Store {
             .map(|e| f(e.value.expose_secret(), e.version))
     }
 
-    pub fn contains(&self, name: &SecretName) -> bool {
-        self.entries
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(name)
-    }
-
     /// Names, sorted.
     pub fn names(&self) -> Vec<SecretName> {
         self.entries

@@ -459,19 +459,7 @@ fn secretd_refresh_brings_a_rotation_at_once() {
 }
 
 /// The CA of another `bao server -dev-tls` run: a real certificate that did not sign the server's.
-const FOREIGN_CA: &str = "-----BEGIN CERTIFICATE-----
-MIIBtTCCAVqgAwIBAgIUHSOOKsZVWJ81F4ZTmonoHONG7OYwCgYIKoZIzj0EAwIw
-FzEVMBMGA1UEAxMMVmF1bHQgRGV2IENBMB4XDTI2MTEyODE1MzcxN1oXDTM2MTEy
-NTE1MzgxN1owFzEVMBMGA1UEAxMMVmF1bHQgRGV2IENBMFkwEwYHKoZIzj0CAQYI
-KoZIzj0DAQcDQgAEhVCbpLRkzoAkxD22L7H/gJXtUOMCT4MMeTpEzATn0WsknK9h
-UNeAo6/Z2Aw7V5lmbUm1VM0aYGmNTq0OFlvKY6OBgzCBgDAOBgNVHQ8BAf8EBAMC
-AgQwHQYDVR0lBBYwFAYIKwYBBQUHAwEGCCsGAQUFBwMCMA8GA1UdEwEB/wQFMAMB
-Af8wHQYDVR0OBBYEFIK05bKMHITHHGAgC5ntGqz3zcj2MB8GA1UdIwQYMBaAFIK0
-5bKMHITHHGAgC5ntGqz3zcj2MAoGCCqGSM49BAMCA0kAMEYCIQCCfUX3Byii9RaD
-7j2WEIL+VmipHITfQc+jizGnvolcXAIhALkPW68APWzI94DbUdv6c1d6TAx3Hkts
-LTM+kZBi0wcG
------END CERTIFICATE-----
-";
+const FOREIGN_CA: &str = include_str!("data/foreign-ca.pem");
 
 #[test]
 fn wrong_ca_fails_start_up_with_the_cause() {
@@ -956,30 +944,10 @@ fn many_paths_are_read_over_parallel_connections_and_leave_no_old_value() {
     }
 }
 
-/// Occurrences of any of `needles` in every readable mapping of `pid`, in one pass (needs
-/// root).
+/// Occurrences of any of `needles` in the memory of `pid`, in one pass (needs root).
 fn count_all_in_memory(pid: u32, needles: &[String]) -> usize {
-    use std::os::unix::fs::FileExt;
     let ac = aho_corasick::AhoCorasick::new(needles).unwrap();
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let mem = fs::File::open(format!("/proc/{pid}/mem")).unwrap();
     let mut count = 0;
-    for line in maps.lines() {
-        let mut parts = line.split_whitespace();
-        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
-            continue;
-        };
-        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
-            continue;
-        }
-        let (start, end) = range.split_once('-').unwrap();
-        let start = u64::from_str_radix(start, 16).unwrap();
-        let end = u64::from_str_radix(end, 16).unwrap();
-        let mut buf = vec![0u8; (end - start) as usize];
-        if mem.read_exact_at(&mut buf, start).is_err() {
-            continue;
-        }
-        count += ac.find_iter(&buf).count();
-    }
+    for_each_mapping(pid, |buf| count += ac.find_iter(buf).count());
     count
 }

@@ -257,12 +257,11 @@ pub fn cli_as(sb: &Sandbox, uid: u32, gid: u32, args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// Count occurrences of `needle` in every readable mapping of `pid` (needs root).
-pub fn count_in_memory(pid: u32, needle: &[u8]) -> usize {
+/// Hand every readable mapping of `pid` to `f` (read through `/proc/<pid>/mem`; needs root).
+pub fn for_each_mapping(pid: u32, mut f: impl FnMut(&[u8])) {
     use std::os::unix::fs::FileExt;
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     let mem = fs::File::open(format!("/proc/{pid}/mem")).unwrap();
-    let mut count = 0;
     for line in maps.lines() {
         let mut parts = line.split_whitespace();
         let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
@@ -277,11 +276,18 @@ pub fn count_in_memory(pid: u32, needle: &[u8]) -> usize {
             u64::from_str_radix(end, 16).unwrap(),
         );
         let mut buf = vec![0u8; (end - start) as usize];
-        if mem.read_exact_at(&mut buf, start).is_err() {
-            continue;
+        if mem.read_exact_at(&mut buf, start).is_ok() {
+            f(&buf);
         }
-        count += buf.windows(needle.len()).filter(|w| *w == needle).count();
     }
+}
+
+/// Count occurrences of `needle` in the memory of `pid` (needs root).
+pub fn count_in_memory(pid: u32, needle: &[u8]) -> usize {
+    let mut count = 0;
+    for_each_mapping(pid, |buf| {
+        count += buf.windows(needle.len()).filter(|w| *w == needle).count();
+    });
     count
 }
 
