@@ -302,6 +302,20 @@ impl AsyncWrite for PeerStream {
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
+    // Vectored writes let h2 send a DATA frame's payload straight from the message instead
+    // of copying it into its connection buffer (see `secretd_proto::codec`).
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.io).poll_flush(cx)
     }
