@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
     // compile_fds does not write the descriptor set; reflection needs it.
     std::fs::write(out.join("secretd_descriptor.bin"), fds.encode_to_vec())?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Padded value-carrying messages, INVALID_ARGUMENT for malformed ones (src/codec.rs).
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::SecretdCodec")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -1,16 +1,18 @@
 //! Calls refused before any handler runs still get an audit record.
 //!
-//! tonic rejects a request message larger than `limits.max_request_bytes` while decoding it,
-//! before our handler (which writes the audit record) is reached. This layer sits in front of
-//! every service and records such calls as `invalid`, with the caller's kernel identity. It
-//! looks only at the response status (`OUT_OF_RANGE`, which our handlers never return), so
-//! nothing is recorded twice.
+//! A request message larger than `limits.max_request_bytes`, or one that is not a valid
+//! protobuf encoding, is refused while tonic decodes it, before our handler (which writes the
+//! audit record) is reached. This layer sits in front of every service and records such calls
+//! as `invalid`, with the caller's kernel identity. It looks only at the response status —
+//! `OUT_OF_RANGE`, which our handlers never return, or `INVALID_ARGUMENT` with the codec's
+//! [`MALFORMED`] message, which they never write — so nothing is recorded twice.
 
 use std::{
     sync::Arc,
     task::{Context, Poll},
 };
 
+use secretd_proto::codec::MALFORMED;
 use tonic::codegen::{Service, http};
 
 use crate::{
@@ -94,11 +96,22 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
-            let out_of_range = resp
-                .headers()
-                .get("grpc-status")
-                .is_some_and(|v| v.as_bytes() == b"11");
-            if let Some(peer) = peer.filter(|_| ours && out_of_range) {
+            let header = |name: &str| resp.headers().get(name).map(|v| v.as_bytes());
+            let reason = match header("grpc-status") {
+                Some(b"11") => "request message larger than limits.max_request_bytes",
+                // grpc-message is percent-encoded; MALFORMED's only such character is ' '.
+                Some(b"3")
+                    if header("grpc-message").is_some_and(|m| {
+                        String::from_utf8_lossy(m)
+                            .replace("%20", " ")
+                            .starts_with(MALFORMED)
+                    }) =>
+                {
+                    "request message is not a valid protobuf encoding"
+                }
+                _ => return Ok(resp),
+            };
+            if let Some(peer) = peer.filter(|_| ours) {
                 let rpc = RPCS
                     .iter()
                     .find(|r| **r == method)
@@ -112,8 +125,7 @@ where
                 };
                 let mut record = AuditRecord::new(rpc, &caller);
                 record.decision = Outcome::Invalid;
-                record.reason =
-                    Some("request message larger than limits.max_request_bytes".to_owned());
+                record.reason = Some(reason.to_owned());
                 broker
                     .stats
                     .denied

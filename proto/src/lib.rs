@@ -2,9 +2,11 @@
 //!
 //! `Secret.value` is the only field that ever carries a secret; the generated `Debug` of
 //! `Secret` would print it, so code that logs protocol messages must not log `Secret`.
-#![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+
+pub mod codec;
 
 pub mod v1 {
+    #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
     tonic::include_proto!("secretd.v1");
 
     /// Encoded `FileDescriptorSet`, for gRPC server reflection.
