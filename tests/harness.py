@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,6 +131,26 @@ def leaked_values(blob: bytes, values: Sequence[bytes]) -> list[bytes]:
 # ---------------------------------------------------------------------------------------------
 # Processes
 # ---------------------------------------------------------------------------------------------
+
+
+def count_in_memory(pid: int, values: dict[str, bytes]) -> Counter[str]:
+    """How often each value occurs in the readable memory of pid (read as root)."""
+    found: Counter[str] = Counter()
+    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            fields = line.split()
+            if "r" not in fields[1]:
+                continue
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            try:
+                mem.seek(start)
+                data = mem.read(end - start)
+            except OSError:  # [vvar] and friends
+                continue
+            for name, value in values.items():
+                found[name] += data.count(value)
+    return found
 
 
 def proc_stat_fields(pid: int) -> list[str] | None:

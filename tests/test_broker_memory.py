@@ -4,36 +4,15 @@ many times — and no byte of an environment value it wiped without brokering.""
 
 from __future__ import annotations
 
-from collections import Counter
-from pathlib import Path
-
 from harness import (
     Broker,
     HostSecrets,
     Launcher,
+    count_in_memory,
     needs_root,
 )
 
 pytestmark = needs_root
-
-
-def count_in_memory(pid: int, values: dict[str, bytes]) -> Counter[str]:
-    found: Counter[str] = Counter()
-    maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-        for line in maps:
-            fields = line.split()
-            if "r" not in fields[1]:
-                continue
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            try:
-                mem.seek(start)
-                data = mem.read(end - start)
-            except OSError:  # [vvar] and friends
-                continue
-            for name, value in values.items():
-                found[name] += data.count(value)
-    return found
 
 
 def test_broker_memory_holds_one_copy_of_each_value_and_none_of_the_rest(

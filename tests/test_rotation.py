@@ -18,8 +18,10 @@ from harness import (
     Launcher,
     Sandbox,
     Scope,
+    count_in_memory,
     leaked_values,
     needs_root,
+    wait_until,
 )
 
 pytestmark = needs_root
@@ -69,6 +71,35 @@ def test_set_and_delete_reach_a_watching_worker(
 
     everything = [*host_secrets.all_values(), rotated]
     assert leaked_values(broker.audit_bytes() + broker.log().encode(), everything) == []
+    worker.exit()
+
+
+def test_rotated_values_leave_the_broker_while_the_function_stays_connected(
+    broker: Broker, launcher: Launcher, host_secrets: HostSecrets
+) -> None:
+    """A function holds one client for its life: a watch and plain reads on one connection.
+    After each rotation the old value must be gone from the broker's memory (issue: the
+    stream's encode buffer and the connection's HTTP/2 write buffer outlive a message)."""
+    worker = launcher.worker()
+    assert worker.request({"op": "watch", "name": "ORDERS_DB"})["ok"] is True
+    assert worker.request({"op": "watch_next", "name": "ORDERS_DB"})["ok"] is True
+    old = {"original": host_secrets.values["ORDERS_DB"].encode()}
+    current = old["original"]
+    for i, size in enumerate((40, 700, 3000, 120)):
+        rotated = f"postgresql://orders:{secrets.token_hex(16)}@db/{'x' * size}".encode()
+        assert admin_set(broker, "ORDERS_DB", rotated).returncode == 0
+        assert worker.request({"op": "watch_next", "name": "ORDERS_DB"})["sha256"] == sha(rotated)
+        assert worker.get("ORDERS_DB")["sha256"] == sha(rotated)
+        old[f"rotation {i}"] = current
+        current = rotated
+
+    # The worker is still connected, its watch open.
+    def lingering() -> dict[str, int]:
+        found = count_in_memory(broker.pid, old)
+        return {name: n for name, n in found.items() if n}
+
+    wait_until(lambda: not lingering(), 30, "no copy of a rotated-away value in the broker")
+    assert count_in_memory(broker.pid, {"current": current})["current"] >= 1
     worker.exit()
 
 

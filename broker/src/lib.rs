@@ -25,6 +25,7 @@ pub mod sources;
 pub mod state;
 pub mod store;
 pub mod sys;
+pub mod watch;
 
 /// The broker binary installs [`alloc::ZeroizingAlloc`] as its global allocator (`main.rs`);
 /// the library's own unit tests run under it too. Other users of the library (the benchmark)

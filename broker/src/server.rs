@@ -198,8 +198,12 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| BrokerError::Serve(e.to_string()))?;
-    let secrets = SecretsServer::new(SecretsService::new(Arc::clone(&broker)))
-        .max_decoding_message_size(limits.max_request_bytes);
+    let secrets_service = SecretsService::new(Arc::clone(&broker));
+    // WatchSecret is answered by this layer rather than the generated server (see watch.rs).
+    let watch =
+        crate::watch::WatchRouteLayer::new(secrets_service.clone(), limits.max_request_bytes);
+    let secrets =
+        SecretsServer::new(secrets_service).max_decoding_message_size(limits.max_request_bytes);
     let admin = AdminServer::new(AdminService::new(Arc::clone(&broker)))
         .max_decoding_message_size(limits.max_request_bytes);
 
@@ -208,6 +212,7 @@ pub async fn serve(
         .layer(crate::rejected::AuditRejectedLayer::new(Arc::clone(
             &broker,
         )))
+        .layer(watch)
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_max_header_list_size(u32::try_from(limits.max_request_bytes).unwrap_or(u32::MAX))
         .add_service(health)

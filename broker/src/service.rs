@@ -166,7 +166,7 @@ impl SecretsService {
     }
 }
 
-type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Secret, Status>> + Send + 'static>>;
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::Secret, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl Secrets for SecretsService {

@@ -302,3 +302,20 @@ pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     }
     panic!("never happened: {what}");
 }
+
+/// Poll `f` until it returns `expected`; if it never does, fail showing the last value.
+pub fn eventually_eq<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    expected: T,
+    mut f: impl FnMut() -> T,
+) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = f();
+        if got == expected || Instant::now() >= deadline {
+            assert_eq!(got, expected, "{what}");
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
