@@ -642,8 +642,29 @@ fn the_old_value_is_gone_from_memory_after_rotation() {
     setup(&bao, &sb, "1h", "1h", &old);
     let b = start(&sb, &[]);
     let rt = runtime();
-    rt.block_on(async {
-        assert_eq!(get(&b.socket, "ORDERS_DB").await.unwrap(), old.as_bytes());
+    // A function that stays connected: a watch, and a client that read the value.
+    let (mut watch, mut reader) = rt.block_on(async {
+        let mut watcher = secrets(&b.socket).await;
+        let mut watch = watcher
+            .watch_secret(pb::WatchSecretRequest {
+                name: "ORDERS_DB".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            watch.message().await.unwrap().unwrap().value,
+            old.as_bytes()
+        );
+        let mut reader = secrets(&b.socket).await;
+        let got = reader
+            .get_secret(pb::GetSecretRequest {
+                name: "ORDERS_DB".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(got.into_inner().value, old.as_bytes());
+        (watch, reader)
     });
     // The scan finds the value while it is current (the store holds it).
     assert!(count_in_memory(b.pid, old.as_bytes()) >= 1);
@@ -655,14 +676,25 @@ fn the_old_value_is_gone_from_memory_after_rotation() {
             .refresh(pb::RefreshRequest::default())
             .await
             .unwrap();
-        assert_eq!(get(&b.socket, "ORDERS_DB").await.unwrap(), new.as_bytes());
+        assert_eq!(
+            watch.message().await.unwrap().unwrap().value,
+            new.as_bytes()
+        );
+        let got = reader
+            .get_secret(pb::GetSecretRequest {
+                name: "ORDERS_DB".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(got.into_inner().value, new.as_bytes());
     });
-    // Client connections are closed: let the broker finish dropping them.
-    eventually(
-        "no copy of the old value left in the broker's memory",
-        || count_in_memory(b.pid, old.as_bytes()) == 0,
-    );
+    // The HTTP and JSON buffers of the fetch, the store's old copy, the watch's frame and the
+    // reader's connection buffer: none holds the old value, with both clients still connected.
+    eventually_eq("copies of the old value in the broker", 0, || {
+        count_in_memory(b.pid, old.as_bytes())
+    });
     assert!(count_in_memory(b.pid, new.as_bytes()) >= 1);
+    drop((watch, reader));
 }
 
 // ---------------------------------------------------------------------------------------------
