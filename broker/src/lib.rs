@@ -9,6 +9,7 @@ pub mod alloc;
 pub mod audit;
 pub mod client;
 pub mod config;
+pub mod egress;
 pub mod filewatch;
 pub mod name;
 pub mod openbao;
@@ -25,7 +26,6 @@ pub mod sources;
 pub mod state;
 pub mod store;
 pub mod sys;
-pub mod watch;
 
 /// The broker binary installs [`alloc::ZeroizingAlloc`] as its global allocator (`main.rs`);
 /// the library's own unit tests run under it too. Other users of the library (the benchmark)

@@ -199,9 +199,9 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| BrokerError::Serve(e.to_string()))?;
     let secrets_service = SecretsService::new(Arc::clone(&broker));
-    // WatchSecret is answered by this layer rather than the generated server (see watch.rs).
-    let watch =
-        crate::watch::WatchRouteLayer::new(secrets_service.clone(), limits.max_request_bytes);
+    // How values leave: WatchSecret is answered by this layer rather than the generated
+    // server, and value responses get the padding trailer (see egress.rs).
+    let egress = crate::egress::EgressLayer::new(secrets_service.clone(), limits.max_request_bytes);
     let secrets =
         SecretsServer::new(secrets_service).max_decoding_message_size(limits.max_request_bytes);
     let admin = AdminServer::new(AdminService::new(Arc::clone(&broker)))
@@ -212,7 +212,7 @@ pub async fn serve(
         .layer(crate::rejected::AuditRejectedLayer::new(Arc::clone(
             &broker,
         )))
-        .layer(watch)
+        .layer(egress)
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_max_header_list_size(u32::try_from(limits.max_request_bytes).unwrap_or(u32::MAX))
         .add_service(health)

@@ -838,24 +838,32 @@ fn stream_limit_is_advertised_to_every_connection() {
 }
 
 /// A rotated-away value must leave no copy in the broker while its clients stay connected:
-/// a `WatchSecret` stream that carried it and a long-lived connection that read it with
-/// `GetSecret` (the per-stream encode buffer and the per-connection HTTP/2 write buffer both
-/// outlive one message). Values of several sizes, each marked near both ends, so a partial
-/// copy of the head or the tail is found too; the head mark sits past the first bytes of the
-/// message, so the short value sent last does not happen to overwrite it.
+/// a `WatchSecret` stream that carried it, a connection that read it with `GetSecret` each
+/// time, and one that read the first value only and then sat idle. The per-stream encode
+/// buffer and the per-connection HTTP/2 write buffer both outlive one message. Each value is
+/// a run of unique 34-byte chunks, so a copy of any part of it is found; the first value is
+/// longer than one HTTP/2 frame (16 KiB), whose later frames begin inside the value.
 #[test]
 fn rotated_values_leave_no_copy_while_clients_stay_connected() {
     require_root!();
     let sb = Sandbox::new();
     sb.write_config(POLICY);
-    let marked = |len: usize| {
-        let mark = unique_value("mark");
-        let lead = "-".repeat(150);
-        let fill = "x".repeat(len.saturating_sub(lead.len() + 2 * mark.len()));
-        (format!("{lead}{mark}{fill}{mark}"), mark)
+    let chunked = |len: usize| {
+        let chunks: Vec<String> = (0..len.div_ceil(34)).map(|_| unique_value("c")).collect();
+        (chunks.concat(), chunks)
     };
-    let (first, first_mark) = marked(300);
+    let (first, mut old_chunks) = chunked(40_000);
     let b = start(&sb, &[("ROOT_ROTATING", &first)]);
+    let get = |mut c: pb::secrets_client::SecretsClient<tonic::transport::Channel>| async move {
+        let s = c
+            .get_secret(pb::GetSecretRequest {
+                name: "ROOT_ROTATING".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        (c, s.value)
+    };
     runtime().block_on(async {
         let mut watcher = secrets(&b.socket).await;
         let mut watch = watcher
@@ -865,32 +873,18 @@ fn rotated_values_leave_no_copy_while_clients_stay_connected() {
             .await
             .unwrap()
             .into_inner();
-        let mut reader = secrets(&b.socket).await;
-        let get = |mut c: pb::secrets_client::SecretsClient<tonic::transport::Channel>| async move {
-            let s = c
-                .get_secret(pb::GetSecretRequest {
-                    name: "ROOT_ROTATING".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            (c, s.value)
-        };
         assert_eq!(
             watch.message().await.unwrap().unwrap().value,
             first.as_bytes()
         );
-        let value;
-        (reader, value) = get(reader).await;
+        let (mut reader, value) = get(secrets(&b.socket).await).await;
+        assert_eq!(value, first.as_bytes());
+        let (idle, value) = get(secrets(&b.socket).await).await;
         assert_eq!(value, first.as_bytes());
 
-        let mut old_marks = vec![first_mark];
-        let last = unique_value("last");
-        let values = [1500, 5000, 400, 700]
-            .map(marked)
-            .into_iter()
-            .chain([(last.clone(), last)]);
-        for (next, mark) in values {
+        let mut current = Vec::new();
+        for len in [1500, 5000, 400, 700, 40] {
+            let (next, chunks) = chunked(len);
             // A fresh admin connection per change, closed at once (as `secretd set` does).
             admin(&b.socket)
                 .await
@@ -907,22 +901,17 @@ fn rotated_values_leave_no_copy_while_clients_stay_connected() {
             let value;
             (reader, value) = get(reader).await;
             assert_eq!(value, next.as_bytes());
-            old_marks.push(mark);
+            old_chunks.append(&mut current);
+            current = chunks;
         }
-        let current = old_marks.pop().unwrap();
 
-        // Both client connections are still open.
+        // All three client connections are still open.
         eventually_eq(
-            "copies of each rotated-away value in the broker",
-            vec![0; old_marks.len()],
-            || {
-                old_marks
-                    .iter()
-                    .map(|m| count_in_memory(b.pid, m.as_bytes()))
-                    .collect::<Vec<_>>()
-            },
+            "chunks of rotated-away values found in the broker",
+            0,
+            || counts_in_memory(b.pid, &old_chunks).iter().sum::<usize>(),
         );
-        assert!(count_in_memory(b.pid, current.as_bytes()) >= 1);
-        drop((watch, watcher, reader));
+        assert!(counts_in_memory(b.pid, &current).iter().all(|&n| n >= 1));
+        drop((watch, watcher, reader, idle));
     });
 }

@@ -13,6 +13,13 @@
 //! gRPC header and zeros. Which messages are padded is decided per type by [`Padding`]:
 //! responses that carry `Secret.value`.
 //!
+//! A message longer than the peer's frame size (16 KiB by default) goes out in several DATA
+//! frames, and each frame after the first begins inside the value; h2 copies those first
+//! bytes too. Every copy lands in the first 256 bytes of the buffer, since h2 copies only
+//! while less than that is queued, and each flush starts the buffer over. So the broker ends
+//! each value-carrying response with a trailer, [`trailer_padding`], that h2 encodes to more
+//! than 256 bytes: written after the last DATA frame has been flushed, it covers them.
+//!
 //! **Malformed messages.** A message that is not a valid protobuf encoding of its type is
 //! `INVALID_ARGUMENT` (the contract's status for a malformed request; tonic's own codec says
 //! `INTERNAL`), with a fixed message beginning [`MALFORMED`] that never quotes the input. The
@@ -29,6 +36,7 @@ use prost::{
 use tonic::{
     Status,
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
+    codegen::http,
 };
 
 use crate::v1;
@@ -82,6 +90,20 @@ pub fn encode_padded<M: Message + Padding>(msg: &M, buf: &mut impl BufMut) {
         buf.put_bytes(0, PAD_LEN);
     }
     msg.encode_raw(buf);
+}
+
+/// The trailer that closes a value-carrying response: `secretd-pad` and a value whose HPACK
+/// encoding is over 256 bytes (h2 Huffman-codes every value; `~` takes 13 bits). Marked
+/// sensitive, so HPACK never indexes it and every response carries it in full.
+pub fn trailer_padding() -> (http::HeaderName, http::HeaderValue) {
+    const VALUE: &str = concat!(
+        "~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~",
+        "~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~",
+        "~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~",
+    );
+    let mut value = http::HeaderValue::from_static(VALUE);
+    value.set_sensitive(true);
+    (http::HeaderName::from_static("secretd-pad"), value)
 }
 
 /// How the status message of an undecodable message begins.

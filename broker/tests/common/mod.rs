@@ -291,6 +291,18 @@ pub fn count_in_memory(pid: u32, needle: &[u8]) -> usize {
     count
 }
 
+/// For each of `needles`, how often it occurs in the memory of `pid` (needs root); one pass.
+pub fn counts_in_memory(pid: u32, needles: &[String]) -> Vec<usize> {
+    let ac = aho_corasick::AhoCorasick::new(needles).unwrap();
+    let mut counts = vec![0; needles.len()];
+    for_each_mapping(pid, |buf| {
+        for m in ac.find_iter(buf) {
+            counts[m.pattern().as_usize()] += 1;
+        }
+    });
+    counts
+}
+
 /// Poll `f` until it returns true (eventual consistency, not a timing assertion).
 pub fn eventually(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);

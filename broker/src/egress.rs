@@ -1,4 +1,10 @@
-//! `Secrets.WatchSecret` answered with frames that each own their memory.
+//! How values leave the broker, so that no copy outlives the response that carried it.
+//!
+//! Besides the padded codec (`secretd_proto::codec`) this layer does two things in front of
+//! tonic's router:
+//! - `GetSecret` and `GetSecrets` responses end with the padding trailer
+//!   ([`trailer_padding`]), which covers what h2 copied of a value too long for one frame;
+//! - `WatchSecret` is answered here, with frames that each own their memory.
 //!
 //! tonic encodes the messages of a server stream one after another into a single buffer that
 //! lives as long as the stream, and hands out slices of it: every value a long-lived watch has
@@ -16,8 +22,9 @@ use std::{
 
 use bytes::Bytes;
 use http_body::Frame;
+use http_body_util::BodyExt;
 use secretd_proto::{
-    codec::{SecretdCodec, encode_padded, padded_len},
+    codec::{SecretdCodec, encode_padded, padded_len, trailer_padding},
     v1::{self as pb, secrets_server::Secrets},
 };
 use tonic::{
@@ -30,33 +37,39 @@ use tonic::{
 use crate::service::{SecretsService, WatchStream};
 
 /// The route this layer serves itself.
-pub const PATH: &str = "/secretd.v1.Secrets/WatchSecret";
+pub const WATCH: &str = "/secretd.v1.Secrets/WatchSecret";
+
+/// The unary routes whose responses carry values.
+const UNARY_VALUES: [&str; 2] = [
+    "/secretd.v1.Secrets/GetSecret",
+    "/secretd.v1.Secrets/GetSecrets",
+];
 
 /// gRPC's message header: a compression flag and a big-endian length.
 const HEADER_LEN: usize = 5;
 
-/// `tower::Layer` adding [`WatchRoute`].
+/// `tower::Layer` adding [`Egress`].
 #[derive(Debug, Clone)]
-pub struct WatchRouteLayer {
+pub struct EgressLayer {
     service: SecretsService,
     max_request_bytes: usize,
 }
 
-impl WatchRouteLayer {
+impl EgressLayer {
     /// `max_request_bytes` as `SecretsServer::max_decoding_message_size` is given it.
-    pub fn new(service: SecretsService, max_request_bytes: usize) -> WatchRouteLayer {
-        WatchRouteLayer {
+    pub fn new(service: SecretsService, max_request_bytes: usize) -> EgressLayer {
+        EgressLayer {
             service,
             max_request_bytes,
         }
     }
 }
 
-impl<S> tower::Layer<S> for WatchRouteLayer {
-    type Service = WatchRoute<S>;
+impl<S> tower::Layer<S> for EgressLayer {
+    type Service = Egress<S>;
 
-    fn layer(&self, inner: S) -> WatchRoute<S> {
-        WatchRoute {
+    fn layer(&self, inner: S) -> Egress<S> {
+        Egress {
             inner,
             service: self.service.clone(),
             max_request_bytes: self.max_request_bytes,
@@ -64,15 +77,15 @@ impl<S> tower::Layer<S> for WatchRouteLayer {
     }
 }
 
-/// Serves [`PATH`]; passes every other request to `inner`.
+/// Serves [`WATCH`], pads the trailers of the unary value routes, passes everything else on.
 #[derive(Debug, Clone)]
-pub struct WatchRoute<S> {
+pub struct Egress<S> {
     inner: S,
     service: SecretsService,
     max_request_bytes: usize,
 }
 
-impl<S, B> Service<http::Request<B>> for WatchRoute<S>
+impl<S, B> Service<http::Request<B>> for Egress<S>
 where
     S: Service<http::Request<B>, Response = http::Response<Body>>,
     S::Future: Send + 'static,
@@ -88,7 +101,22 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        if req.uri().path() != PATH {
+        let path = req.uri().path();
+        if UNARY_VALUES.contains(&path) {
+            let response = self.inner.call(req);
+            return Box::pin(async move {
+                Ok(response.await?.map(|body| {
+                    Body::new(body.map_frame(|mut frame| {
+                        if let Some(trailers) = frame.trailers_mut() {
+                            let (name, value) = trailer_padding();
+                            trailers.insert(name, value);
+                        }
+                        frame
+                    }))
+                }))
+            });
+        }
+        if path != WATCH {
             return Box::pin(self.inner.call(req));
         }
         let service = self.service.clone();
@@ -143,7 +171,7 @@ where
 }
 
 /// The response body: one DATA frame per message, each in its own allocation, then the
-/// status as trailers.
+/// status and the padding as trailers.
 struct WatchBody {
     stream: WatchStream,
     ended: bool,
@@ -171,6 +199,8 @@ impl http_body::Body for WatchBody {
         self.ended = true;
         let mut trailers = http::HeaderMap::new();
         status.add_header(&mut trailers)?;
+        let (name, value) = trailer_padding();
+        trailers.insert(name, value);
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 
