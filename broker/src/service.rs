@@ -8,7 +8,7 @@ use std::{pin::Pin, sync::Arc, time::SystemTime};
 
 use secretd_proto::v1::{self as pb, admin_server::Admin, secrets_server::Secrets};
 use tokio::sync::{broadcast::error::RecvError, mpsc};
-use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
@@ -290,67 +290,73 @@ impl Secrets for SecretsService {
             return Err(call.not_found());
         };
         call.allow();
-        let (tx, rx) = mpsc::channel::<Result<pb::Secret, Status>>(4);
+        // The task below turns store events into notifications; the value is read when the
+        // stream is polled, i.e. when HTTP/2 can take the next message. Nothing queues values:
+        // a watcher that falls behind gets the newest one, and a rotated-away value is never
+        // held for it.
+        let (tx, rx) = mpsc::channel::<Result<(), Status>>(1);
         let broker = Arc::clone(&self.broker);
+        let watched = name.clone();
         tokio::spawn(async move {
-            let mut last = first.version;
-            if tx.send(Ok(first)).await.is_err() {
-                return;
-            }
             loop {
                 let event = tokio::select! {
-                    _ = tx.closed() => return,
+                    () = tx.closed() => return,
                     e = events.recv() => e,
                 };
-                let resend = match event {
-                    Ok(Event::Changed(n)) => n == name,
-                    Ok(Event::Deleted(n)) if n == name => {
-                        let _ = tx.send(Err(Status::not_found(NOT_FOUND))).await;
-                        return;
-                    }
-                    Ok(Event::Deleted(_)) => false,
+                let end = match event {
+                    Ok(Event::Changed(n)) if n == watched => None,
+                    Ok(Event::Deleted(n)) if n == watched => Some(Status::not_found(NOT_FOUND)),
+                    Ok(Event::Changed(_) | Event::Deleted(_)) => continue,
                     Ok(Event::PolicyReloaded) => {
                         let still = broker.attest(&peer).is_ok_and(|a| {
                             matches!(
-                                evaluate(&a.config.policy, &a.grant, &name),
+                                evaluate(&a.config.policy, &a.grant, &watched),
                                 Decision::Allow { .. }
                             )
                         });
-                        if !still {
-                            tracing::info!(pid = peer.pid, uid = peer.uid, name = %name, "watch ended: scope revoked by reload");
-                            let _ = tx.send(Err(Status::permission_denied(DENIED))).await;
-                            return;
+                        if still {
+                            None
+                        } else {
+                            tracing::info!(pid = peer.pid, uid = peer.uid, name = %watched, "watch ended: scope revoked by reload");
+                            Some(Status::permission_denied(DENIED))
                         }
-                        true
                     }
                     Ok(Event::ShuttingDown) | Err(RecvError::Closed) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable("broker is shutting down")))
-                            .await;
-                        return;
+                        Some(Status::unavailable("broker is shutting down"))
                     }
                     // Missed events: re-read the current value.
-                    Err(RecvError::Lagged(_)) => true,
+                    Err(RecvError::Lagged(_)) => None,
                 };
-                if !resend {
-                    continue;
-                }
-                match secret_of(&broker, &name) {
-                    Some(s) if s.version != last => {
-                        last = s.version;
-                        if tx.send(Ok(s)).await.is_err() {
+                match end {
+                    // A notification already waiting reads the newest value too.
+                    None => {
+                        if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Ok(())) {
                             return;
                         }
                     }
-                    Some(_) => {}
-                    None => {
-                        let _ = tx.send(Err(Status::not_found(NOT_FOUND))).await;
+                    Some(status) => {
+                        let _ = tx.send(Err(status)).await;
                         return;
                     }
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let broker = Arc::clone(&self.broker);
+        let mut last = first.version;
+        let changes = ReceiverStream::new(rx).filter_map(move |note| match note {
+            Err(status) => Some(Err(status)),
+            Ok(()) => match secret_of(&broker, &name) {
+                Some(s) if s.version != last => {
+                    last = s.version;
+                    Some(Ok(s))
+                }
+                Some(_) => None,
+                None => Some(Err(Status::not_found(NOT_FOUND))),
+            },
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(first)).chain(changes),
+        )))
     }
 }
 

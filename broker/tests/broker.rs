@@ -915,3 +915,64 @@ fn rotated_values_leave_no_copy_while_clients_stay_connected() {
         drop((watch, watcher, reader, idle));
     });
 }
+
+/// A watcher that stops reading (a frozen function) must not make the broker hold the values
+/// it misses: once HTTP/2 flow control stops the stream, later rotations queue nothing. At
+/// most two values it has not received are held until it reads or goes — the one handed to
+/// h2 (partly sent) and the next, which hyper polls from the body before it waits for window;
+/// every other rotated-away value is gone.
+#[test]
+fn a_stalled_watcher_holds_no_rotated_away_value() {
+    require_root!();
+    let sb = Sandbox::new();
+    sb.write_config(POLICY);
+    let chunked = || {
+        let chunks: Vec<String> = (0..12).map(|_| unique_value("c")).collect();
+        (chunks.concat(), chunks)
+    };
+    let (first, first_chunks) = chunked();
+    let b = start(&sb, &[("ROOT_STALLED", &first)]);
+    runtime().block_on(async {
+        // A window of 1 KiB that the client never reopens: it never reads the stream.
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("unix://{}", b.socket.display()))
+                .unwrap()
+                .initial_stream_window_size(1024)
+                .connect()
+                .await
+                .unwrap();
+        let stalled = pb::secrets_client::SecretsClient::new(channel)
+            .watch_secret(pb::WatchSecretRequest {
+                name: "ROOT_STALLED".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+
+        let mut values = vec![first_chunks];
+        for _ in 0..6 {
+            let (next, chunks) = chunked();
+            admin(&b.socket)
+                .await
+                .set_secret(pb::SetSecretRequest {
+                    name: "ROOT_STALLED".into(),
+                    value: next.into_bytes(),
+                })
+                .await
+                .unwrap();
+            values.push(chunks);
+            // Let the broker act on the change before the next one.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let current = values.pop().unwrap();
+
+        let held = |v: &Vec<String>| counts_in_memory(b.pid, v).iter().any(|&n| n > 0);
+        let in_flight: Vec<usize> = (0..values.len()).filter(|&i| held(&values[i])).collect();
+        assert!(
+            in_flight.len() <= 2,
+            "rotated-away values still held for a watcher that stopped reading: {in_flight:?}"
+        );
+        assert!(held(&current));
+        drop(stalled);
+    });
+}
