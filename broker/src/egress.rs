@@ -2,8 +2,8 @@
 //!
 //! Besides the padded codec (`secretd_proto::codec`) this layer does two things in front of
 //! tonic's router:
-//! - `GetSecret` and `GetSecrets` responses end with the padding trailer
-//!   ([`trailer_padding`]), which covers what h2 copied of a value too long for one frame;
+//! - `GetSecret` and `GetSecrets` responses too long for one HTTP/2 frame end with the padding
+//!   trailer ([`trailer_padding`]), which covers what h2 copied of their later frames;
 //! - `WatchSecret` is answered here, with frames that each own their memory.
 //!
 //! tonic encodes the messages of a server stream one after another into a single buffer that
@@ -44,6 +44,11 @@ const UNARY_VALUES: [&str; 2] = [
     "/secretd.v1.Secrets/GetSecret",
     "/secretd.v1.Secrets/GetSecrets",
 ];
+
+/// The smallest frame size an HTTP/2 peer may set (RFC 9113 §6.5.2). A response no longer
+/// than this goes out in one DATA frame unless flow control splits it, so only longer ones
+/// need the padding trailer; it costs a few microseconds a call (HPACK Huffman-codes it).
+const MIN_MAX_FRAME_SIZE: usize = 16_384;
 
 /// gRPC's message header: a compression flag and a big-endian length.
 const HEADER_LEN: usize = 5;
@@ -106,8 +111,13 @@ where
             let response = self.inner.call(req);
             return Box::pin(async move {
                 Ok(response.await?.map(|body| {
-                    Body::new(body.map_frame(|mut frame| {
-                        if let Some(trailers) = frame.trailers_mut() {
+                    let mut sent = 0;
+                    Body::new(body.map_frame(move |mut frame| {
+                        if let Some(data) = frame.data_ref() {
+                            sent += data.len();
+                        } else if let Some(trailers) = frame.trailers_mut()
+                            && sent > MIN_MAX_FRAME_SIZE
+                        {
                             let (name, value) = trailer_padding();
                             trailers.insert(name, value);
                         }
