@@ -1,19 +1,16 @@
 //! How values leave the broker, so that no copy outlives the response that carried it.
 //!
-//! Besides the padded codec (`secretd_proto::codec`) this layer does two things in front of
-//! tonic's router:
-//! - `GetSecret` and `GetSecrets` responses too long for one HTTP/2 frame end with the padding
+//! Together with the padded codec (`secretd_proto::codec`), this layer in front of tonic's
+//! router:
+//! - ends `GetSecret` and `GetSecrets` responses too long for one HTTP/2 frame with the padding
 //!   trailer ([`trailer_padding`]), which covers what h2 copied of their later frames;
-//! - `WatchSecret` is answered here, with frames that each own their memory.
-//!
-//! tonic encodes the messages of a server stream one after another into a single buffer that
-//! lives as long as the stream, and hands out slices of it: every value a long-lived watch has
-//! carried would stay in that buffer, after rotation too, until the stream ends. This layer
-//! takes `/secretd.v1.Secrets/WatchSecret` in front of tonic's router. The request is decoded
-//! as tonic does and the call is decided by the same handler (`SecretsService::watch_secret`:
-//! attestation, scope, audit); only the response body is ours: each message goes out as its
-//! own allocation, padded (`secretd_proto::codec`), which is freed — and cleared by the
-//! allocator — once h2 has written it.
+//! - answers `WatchSecret` itself. tonic encodes the messages of a server stream one after
+//!   another into a single buffer that lives as long as the stream, so every value a watch has
+//!   carried would stay there, after rotation too, until the stream ends. Here the request is
+//!   decoded as tonic does and the call is decided by the same handler
+//!   (`SecretsService::watch_secret`: attestation, scope, audit, revocation); only the
+//!   response body is ours: each message goes out as its own padded allocation, freed — and
+//!   cleared by the allocator — once h2 has written it, and the stream's trailers are padded.
 
 use std::{
     pin::Pin,
