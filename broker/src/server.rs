@@ -200,7 +200,7 @@ pub async fn serve(
         .map_err(|e| BrokerError::Serve(e.to_string()))?;
     let secrets_service = SecretsService::new(Arc::clone(&broker));
     // How values leave: WatchSecret is answered by this layer rather than the generated
-    // server, and value responses get the padding trailer (see egress.rs).
+    // server, and value responses longer than one frame get the padding trailer (egress.rs).
     let egress = crate::egress::EgressLayer::new(secrets_service.clone(), limits.max_request_bytes);
     let secrets =
         SecretsServer::new(secrets_service).max_decoding_message_size(limits.max_request_bytes);
