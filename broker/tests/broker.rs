@@ -95,14 +95,7 @@ fn environment_is_wiped_and_each_value_is_held_once() {
     rt.block_on(async {
         let mut c = secrets(&broker.socket).await;
         for _ in 0..20 {
-            let s = c
-                .get_secret(pb::GetSecretRequest {
-                    name: "ORDERS_DB".into(),
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(s.value, orders.as_bytes());
+            assert_eq!(value_of(&mut c, "ORDERS_DB").await, orders.as_bytes());
         }
     });
     drop(rt);
@@ -761,13 +754,7 @@ fn health_reflection_and_watch() {
 
         let mut s = pb::secrets_client::SecretsClient::new(ch.clone());
         let mut a = pb::admin_client::AdminClient::new(ch);
-        let mut watch = s
-            .watch_secret(pb::WatchSecretRequest {
-                name: "ROOT_W".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut s, "ROOT_W").await;
         let first = watch.message().await.unwrap().unwrap();
         assert_eq!(first.value, b"watch-value-1");
         let v = a
@@ -837,6 +824,13 @@ fn stream_limit_is_advertised_to_every_connection() {
     assert_eq!(max_streams, Some(7));
 }
 
+/// A value of at least `len` bytes made of unique 34-byte chunks, and the chunks: a memory scan
+/// for the chunks finds a copy of any part of the value.
+fn chunked(len: usize) -> (String, Vec<String>) {
+    let chunks: Vec<String> = (0..len.div_ceil(34)).map(|_| unique_value("c")).collect();
+    (chunks.concat(), chunks)
+}
+
 /// A rotated-away value must leave no copy in the broker while its clients stay connected:
 /// a `WatchSecret` stream that carried it, a connection that read it with `GetSecret` each
 /// time, and one that read the first value only and then sat idle. The per-stream encode
@@ -848,59 +842,35 @@ fn rotated_values_leave_no_copy_while_clients_stay_connected() {
     require_root!();
     let sb = Sandbox::new();
     sb.write_config(POLICY);
-    let chunked = |len: usize| {
-        let chunks: Vec<String> = (0..len.div_ceil(34)).map(|_| unique_value("c")).collect();
-        (chunks.concat(), chunks)
-    };
     let (first, mut old_chunks) = chunked(40_000);
     let b = start(&sb, &[("ROOT_ROTATING", &first)]);
-    let get = |mut c: pb::secrets_client::SecretsClient<tonic::transport::Channel>| async move {
-        let s = c
-            .get_secret(pb::GetSecretRequest {
-                name: "ROOT_ROTATING".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        (c, s.value)
-    };
     runtime().block_on(async {
         let mut watcher = secrets(&b.socket).await;
-        let mut watch = watcher
-            .watch_secret(pb::WatchSecretRequest {
-                name: "ROOT_ROTATING".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut watcher, "ROOT_ROTATING").await;
         assert_eq!(
             watch.message().await.unwrap().unwrap().value,
             first.as_bytes()
         );
-        let (mut reader, value) = get(secrets(&b.socket).await).await;
-        assert_eq!(value, first.as_bytes());
-        let (idle, value) = get(secrets(&b.socket).await).await;
-        assert_eq!(value, first.as_bytes());
+        let mut reader = secrets(&b.socket).await;
+        assert_eq!(
+            value_of(&mut reader, "ROOT_ROTATING").await,
+            first.as_bytes()
+        );
+        let mut idle = secrets(&b.socket).await;
+        assert_eq!(value_of(&mut idle, "ROOT_ROTATING").await, first.as_bytes());
 
         let mut current = Vec::new();
         for len in [1500, 5000, 400, 700, 40] {
             let (next, chunks) = chunked(len);
-            // A fresh admin connection per change, closed at once (as `secretd set` does).
-            admin(&b.socket)
-                .await
-                .set_secret(pb::SetSecretRequest {
-                    name: "ROOT_ROTATING".into(),
-                    value: next.clone().into_bytes(),
-                })
-                .await
-                .unwrap();
+            set_value(&b.socket, "ROOT_ROTATING", next.as_bytes()).await;
             assert_eq!(
                 watch.message().await.unwrap().unwrap().value,
                 next.as_bytes()
             );
-            let value;
-            (reader, value) = get(reader).await;
-            assert_eq!(value, next.as_bytes());
+            assert_eq!(
+                value_of(&mut reader, "ROOT_ROTATING").await,
+                next.as_bytes()
+            );
             old_chunks.append(&mut current);
             current = chunks;
         }
@@ -926,11 +896,7 @@ fn a_stalled_watcher_holds_no_rotated_away_value() {
     require_root!();
     let sb = Sandbox::new();
     sb.write_config(POLICY);
-    let chunked = || {
-        let chunks: Vec<String> = (0..12).map(|_| unique_value("c")).collect();
-        (chunks.concat(), chunks)
-    };
-    let (first, first_chunks) = chunked();
+    let (first, first_chunks) = chunked(400);
     let b = start(&sb, &[("ROOT_STALLED", &first)]);
     runtime().block_on(async {
         // A window of 1 KiB that the client never reopens: it never reads the stream.
@@ -941,25 +907,16 @@ fn a_stalled_watcher_holds_no_rotated_away_value() {
                 .connect()
                 .await
                 .unwrap();
-        let stalled = pb::secrets_client::SecretsClient::new(channel)
-            .watch_secret(pb::WatchSecretRequest {
-                name: "ROOT_STALLED".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let stalled = open_watch(
+            &mut pb::secrets_client::SecretsClient::new(channel),
+            "ROOT_STALLED",
+        )
+        .await;
 
         let mut values = vec![first_chunks];
         for _ in 0..6 {
-            let (next, chunks) = chunked();
-            admin(&b.socket)
-                .await
-                .set_secret(pb::SetSecretRequest {
-                    name: "ROOT_STALLED".into(),
-                    value: next.into_bytes(),
-                })
-                .await
-                .unwrap();
+            let (next, chunks) = chunked(400);
+            set_value(&b.socket, "ROOT_STALLED", next.as_bytes()).await;
             values.push(chunks);
             // Let the broker act on the change before the next one.
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -384,14 +384,7 @@ fn approle_fetch_at_start_up_then_rotation_reaches_a_watch_within_one_interval()
             "{st:?}"
         );
 
-        let mut watch = secrets(&b.socket)
-            .await
-            .watch_secret(pb::WatchSecretRequest {
-                name: "ORDERS_DB".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut secrets(&b.socket).await, "ORDERS_DB").await;
         let first = watch.message().await.unwrap().unwrap();
         assert_eq!(first.value, old.as_bytes());
         let new = unique_value("db-new");
@@ -645,25 +638,13 @@ fn the_old_value_is_gone_from_memory_after_rotation() {
     // A function that stays connected: a watch, and a client that read the value.
     let (mut watch, mut reader) = rt.block_on(async {
         let mut watcher = secrets(&b.socket).await;
-        let mut watch = watcher
-            .watch_secret(pb::WatchSecretRequest {
-                name: "ORDERS_DB".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut watcher, "ORDERS_DB").await;
         assert_eq!(
             watch.message().await.unwrap().unwrap().value,
             old.as_bytes()
         );
         let mut reader = secrets(&b.socket).await;
-        let got = reader
-            .get_secret(pb::GetSecretRequest {
-                name: "ORDERS_DB".into(),
-            })
-            .await
-            .unwrap();
-        assert_eq!(got.into_inner().value, old.as_bytes());
+        assert_eq!(value_of(&mut reader, "ORDERS_DB").await, old.as_bytes());
         (watch, reader)
     });
     // The scan finds the value while it is current (the store holds it).
@@ -680,13 +661,7 @@ fn the_old_value_is_gone_from_memory_after_rotation() {
             watch.message().await.unwrap().unwrap().value,
             new.as_bytes()
         );
-        let got = reader
-            .get_secret(pb::GetSecretRequest {
-                name: "ORDERS_DB".into(),
-            })
-            .await
-            .unwrap();
-        assert_eq!(got.into_inner().value, new.as_bytes());
+        assert_eq!(value_of(&mut reader, "ORDERS_DB").await, new.as_bytes());
     });
     // The HTTP and JSON buffers of the fetch, the store's old copy, the watch's frame and the
     // reader's connection buffer: none holds the old value, with both clients still connected.
@@ -748,13 +723,7 @@ fn files_rotation_by_atomic_symlink_swap_and_in_place_write_reach_a_watch() {
     let b = start(&sb, &[]);
     runtime().block_on(async {
         let mut s = secrets(&b.socket).await;
-        let mut watch = s
-            .watch_secret(pb::WatchSecretRequest {
-                name: "API_KEY".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut s, "API_KEY").await;
         assert_eq!(
             watch.message().await.unwrap().unwrap().value,
             b"k8s-value-1"
@@ -767,13 +736,7 @@ fn files_rotation_by_atomic_symlink_swap_and_in_place_write_reach_a_watch() {
             .unwrap();
         assert_eq!(next.value, b"k8s-value-2");
 
-        let mut plain = s
-            .watch_secret(pb::WatchSecretRequest {
-                name: "PLAIN".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut plain = open_watch(&mut s, "PLAIN").await;
         assert_eq!(plain.message().await.unwrap().unwrap().value, b"plain-1");
         fs::write(dir.join("PLAIN"), "plain-2").unwrap();
         let next = tokio::time::timeout(Duration::from_secs(30), plain.message())
@@ -802,14 +765,7 @@ fn scope_revoked_by_reload_ends_a_watch() {
     write_config(&sb, FILES_POLICY);
     let b = start(&sb, &[]);
     runtime().block_on(async {
-        let mut watch = secrets(&b.socket)
-            .await
-            .watch_secret(pb::WatchSecretRequest {
-                name: "API_KEY".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut secrets(&b.socket).await, "API_KEY").await;
         assert_eq!(
             watch.message().await.unwrap().unwrap().value,
             b"scoped-value"
@@ -853,14 +809,7 @@ fn reload_applies_a_changed_mapping_at_once() {
     )
     .unwrap();
     runtime().block_on(async {
-        let mut watch = secrets(&b.socket)
-            .await
-            .watch_secret(pb::WatchSecretRequest {
-                name: "SHARED_URL".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let mut watch = open_watch(&mut secrets(&b.socket).await, "SHARED_URL").await;
         assert_eq!(
             watch.message().await.unwrap().unwrap().value,
             b"redis://cache"

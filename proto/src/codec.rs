@@ -17,8 +17,9 @@
 //! frames, and each frame after the first begins inside the value; h2 copies those first
 //! bytes too. Every copy lands in the first 256 bytes of the buffer, since h2 copies only
 //! while less than that is queued, and each flush starts the buffer over. So the broker ends
-//! each value-carrying response with a trailer, [`trailer_padding`], that h2 encodes to more
-//! than 256 bytes: written after the last DATA frame has been flushed, it covers them.
+//! each value-carrying response longer than one frame (and every watch) with a trailer,
+//! [`trailer_padding`], that h2 encodes to more than 256 bytes: written after the last DATA
+//! frame has been flushed, it covers them.
 //!
 //! **Malformed messages.** A message that is not a valid protobuf encoding of its type is
 //! `INVALID_ARGUMENT` (the contract's status for a malformed request; tonic's own codec says
@@ -92,7 +93,7 @@ pub fn encode_padded<M: Message + Padding>(msg: &M, buf: &mut impl BufMut) {
     msg.encode_raw(buf);
 }
 
-/// The trailer that closes a value-carrying response: `secretd-pad` and a value whose HPACK
+/// The trailer that closes a long value-carrying response: `secretd-pad` and a value whose HPACK
 /// encoding is over 256 bytes (h2 Huffman-codes every value; `~` takes 13 bits). Marked
 /// sensitive, so HPACK never indexes it and every response carries it in full.
 pub fn trailer_padding() -> (http::HeaderName, http::HeaderValue) {

@@ -14,7 +14,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use secretd_proto::v1::{admin_client::AdminClient, secrets_client::SecretsClient};
+use secretd_proto::v1::{self as pb, admin_client::AdminClient, secrets_client::SecretsClient};
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_secretd");
@@ -243,6 +243,40 @@ pub async fn admin(socket: &Path) -> AdminClient<Channel> {
     AdminClient::new(channel(socket).await)
 }
 
+/// Open a `WatchSecret` stream for `name` on `client`'s connection.
+pub async fn open_watch(
+    client: &mut SecretsClient<Channel>,
+    name: &str,
+) -> tonic::Streaming<pb::Secret> {
+    client
+        .watch_secret(pb::WatchSecretRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// `GetSecret(name)` on `client`'s connection, which must succeed: the value.
+pub async fn value_of(client: &mut SecretsClient<Channel>, name: &str) -> Vec<u8> {
+    client
+        .get_secret(pb::GetSecretRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .value
+}
+
+/// `SetSecret` over a fresh admin connection, closed at once (as `secretd set` does).
+pub async fn set_value(socket: &Path, name: &str, value: &[u8]) {
+    admin(socket)
+        .await
+        .set_secret(pb::SetSecretRequest {
+            name: name.into(),
+            value: value.to_vec(),
+        })
+        .await
+        .unwrap();
+}
+
 /// Run the `secretd` CLI as `uid`/`gid` (a real process of another user).
 pub fn cli_as(sb: &Sandbox, uid: u32, gid: u32, args: &[&str]) -> Output {
     Command::new(sb.bin())
@@ -284,15 +318,11 @@ pub fn for_each_mapping(pid: u32, mut f: impl FnMut(&[u8])) {
 
 /// Count occurrences of `needle` in the memory of `pid` (needs root).
 pub fn count_in_memory(pid: u32, needle: &[u8]) -> usize {
-    let mut count = 0;
-    for_each_mapping(pid, |buf| {
-        count += buf.windows(needle.len()).filter(|w| *w == needle).count();
-    });
-    count
+    counts_in_memory(pid, &[needle])[0]
 }
 
 /// For each of `needles`, how often it occurs in the memory of `pid` (needs root); one pass.
-pub fn counts_in_memory(pid: u32, needles: &[String]) -> Vec<usize> {
+pub fn counts_in_memory(pid: u32, needles: &[impl AsRef<[u8]>]) -> Vec<usize> {
     let ac = aho_corasick::AhoCorasick::new(needles).unwrap();
     let mut counts = vec![0; needles.len()];
     for_each_mapping(pid, |buf| {
