@@ -480,6 +480,8 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = sandbox.root / "broker.log"
         self.starts = 0
+        # Supervisor mode (contract §9): `serve ... -- PROGRAM [ARG]...` when not empty.
+        self.program: list[str] = []
 
     @property
     def pid(self) -> int:
@@ -514,6 +516,7 @@ class Broker:
                         str(self.socket),
                         "--ready-fd",
                         str(write_fd),
+                        *(["--", *self.program] if self.program else []),
                     ],
                     env=self.env,
                     pass_fds=(write_fd,),

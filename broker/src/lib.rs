@@ -25,6 +25,7 @@ pub mod service;
 pub mod sources;
 pub mod state;
 pub mod store;
+pub mod supervise;
 pub mod sys;
 
 /// The broker binary installs [`alloc::ZeroizingAlloc`] as its global allocator (`main.rs`);

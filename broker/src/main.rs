@@ -22,6 +22,7 @@ use secretd::{
     registry::Registry,
     scrub,
     server::{self, bind_socket},
+    supervise,
     state::{self, Broker, ConfigOrigin},
     store::{Origin, Store},
 };
@@ -57,6 +58,10 @@ enum Command {
         /// Write "READY\n" to this inherited file descriptor once accepting connections
         #[arg(long, value_name = "N")]
         ready_fd: Option<i32>,
+        /// Supervisor mode: once ready, run PROGRAM as a child with the environment minus every
+        /// brokered variable; reap orphans, forward SIGTERM/SIGINT, exit with its status.
+        #[arg(last = true, value_name = "PROGRAM [ARG]...")]
+        program: Vec<std::ffi::OsString>,
     },
     /// Validate the config and policy, print a summary; exit 0 if valid, 1 if not.
     Check {
@@ -129,7 +134,8 @@ fn main() -> ExitCode {
             config,
             socket,
             ready_fd,
-        } => serve(config, socket, ready_fd),
+            program,
+        } => serve(config, socket, ready_fd, program),
         Command::Check { config } => check(config),
         other => client_command(other),
     };
@@ -168,6 +174,7 @@ fn serve(
     config: Option<PathBuf>,
     socket: Option<PathBuf>,
     ready_fd: Option<i32>,
+    program: Vec<std::ffi::OsString>,
 ) -> anyhow::Result<ExitCode> {
     let proc = ProcFs::system();
     // 1–2. Copy every variable out, zero the original block, empty `environ`. Single-threaded.
@@ -189,6 +196,9 @@ fn serve(
     for line in config.summary().lines() {
         tracing::info!("config: {line}");
     }
+    // Supervisor mode: PROGRAM's environment is what [sources.env] does not select.
+    let program = (!program.is_empty())
+        .then(|| supervise::Program::new(program, &config.env, &env.vars));
     let (env_secrets, file_secrets) = state::initial_secrets(&config, env.vars)?;
     let store = Store::new();
     for (name, value) in env_secrets {
@@ -280,14 +290,24 @@ fn serve(
         broker.set_openbao(handle);
         filewatch::spawn(Arc::clone(&broker));
         spawn_reload_on_sighup(Arc::clone(&broker))?;
-        let outcome = server::serve(Arc::clone(&broker), listener, stop_signal()?, ready).await;
+        let outcome = match program {
+            None => server::serve(Arc::clone(&broker), listener, stop_signal()?, ready)
+                .await
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(anyhow::Error::from),
+            Some(program) => {
+                supervise::serve_and_supervise(Arc::clone(&broker), listener, ready, program)
+                    .await
+                    .map_err(anyhow::Error::from)
+            }
+        };
         broker.audit.flush();
-        outcome.map_err(anyhow::Error::from)
+        outcome
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
-    result?;
+    let code = result?;
     tracing::info!("stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 fn init_logging(config: &Config, rust_log: Option<&str>) {
