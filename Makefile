@@ -17,7 +17,7 @@ VENV       := $(CURDIR)/.venv
 PY         := $(VENV)/bin/python
 export SECRETD_BIN_DIR := $(BIN_DIR)
 
-.PHONY: help build venv test test-rust test-py test-e2e lint demo bench proto-py clean
+.PHONY: help build venv test test-rust test-py test-e2e lint demo bench proto-py clean image
 
 help:
 	@echo "targets: demo test lint bench build venv proto-py clean"
@@ -52,9 +52,10 @@ test-e2e: build venv
 lint: venv
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy $(CARGO_ARGS) --workspace --all-targets -- -D warnings
-	$(VENV)/bin/ruff check client-py tests demo
-	$(VENV)/bin/ruff format --check client-py tests demo
+	$(VENV)/bin/ruff check client-py tests demo deploy/image
+	$(VENV)/bin/ruff format --check client-py tests demo deploy/image
 	$(VENV)/bin/mypy --strict client-py/src tests demo
+	$(VENV)/bin/mypy --strict deploy/image
 	$(VENV)/bin/mypy --strict client-py/tests
 
 demo: build venv
@@ -65,6 +66,11 @@ demo: build venv
 bench: venv
 	$(CARGO) build $(CARGO_ARGS) --workspace --bins
 	$(PY) bench/run.py $(if $(BASELINE),--baseline $(BASELINE))
+
+## image: the example image secretd-example:latest (deploy/Dockerfile), built from Debian
+##        packages and this project; on the engine DOCKER_HOST names (root; see README)
+image: build venv
+	$(PY) deploy/image/build.py --bin-dir $(BIN_DIR)
 
 clean:
 	$(CARGO) clean

@@ -1,6 +1,8 @@
 """The deployment examples stay true to the binaries: `secretd check` accepts the example broker
-config and the one embedded in deploy/Dockerfile.example, and the shim configs use only keys
-the shim knows. (The Dockerfile itself is never built here: there is no Docker engine.)"""
+configs (deploy/, the image's deploy/image/, and the one embedded in
+deploy/Dockerfile.azure-functions), and the shim configs use only keys the shim knows. (The
+Azure Dockerfile needs Microsoft's base image and is not built; deploy/Dockerfile is, by
+tests/test_image.py.)"""
 
 from __future__ import annotations
 
@@ -22,9 +24,9 @@ SHIM_KEYS = {"exec", "user", "group", "keep", "set", "function", "socket", "allo
 
 
 def dockerfile_heredoc(target: str) -> str:
-    text = (DEPLOY / "Dockerfile.example").read_text()
+    text = (DEPLOY / "Dockerfile.azure-functions").read_text()
     match = re.search(rf"<<'EOF' {re.escape(target)}\n(.*?)\nEOF\n", text, re.S)
-    assert match, f"no heredoc for {target} in Dockerfile.example"
+    assert match, f"no heredoc for {target} in Dockerfile.azure-functions"
     return match.group(1) + "\n"
 
 
@@ -41,7 +43,7 @@ def check(bins: Binaries, config: Path) -> subprocess.CompletedProcess[str]:
 def test_example_broker_configs_pass_secretd_check(bins: Binaries, sandbox: Sandbox) -> None:
     embedded = sandbox.root / "docker-secretd.toml"
     embedded.write_text(dockerfile_heredoc("/etc/secretd/secretd.toml"))
-    for config in (DEPLOY / "secretd.toml.example", embedded):
+    for config in (DEPLOY / "secretd.toml.example", DEPLOY / "image" / "secretd.toml", embedded):
         result = check(bins, config)
         assert result.returncode == 0, f"{config}: {result.stderr}"
 
@@ -49,6 +51,7 @@ def test_example_broker_configs_pass_secretd_check(bins: Binaries, sandbox: Sand
 def test_example_shim_configs_use_known_keys() -> None:
     for text in (
         (DEPLOY / "shim.toml.example").read_text(),
+        (DEPLOY / "image" / "shim.toml").read_text(),
         dockerfile_heredoc("/etc/secretd/shim.toml"),
     ):
         programs = tomllib.loads(text)["program"]
