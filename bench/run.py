@@ -11,6 +11,8 @@ What runs (issue #6), each comparison interleaved in the same run:
                            OpenBao KV v2 over loopback HTTP (8)
   bench/shim_overhead.py   secretd-shim exec overhead over `env -i` (7)
   client-py/bench/client_latency.py, bench/rotation.py   run when present; output kept verbatim
+  bench/container.py       `docker run` → function holding its secret, secretd vs os.environ
+                           (private dockerd; issue #13)
 
 Benchmarks, not tests: nothing fails on a number. Ratios measured side by side are the figures
 that count on a shared machine; absolute times are context. Binaries come from
@@ -531,6 +533,7 @@ def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
         ("shim", "bench/shim_overhead.py"),
         ("client_latency", "client-py/bench/client_latency.py"),
         ("rotation", "bench/rotation.py"),
+        ("container", "bench/container.py"),
     ]:
         part = r.get(key, {})
         if "missing" in part:
@@ -538,7 +541,7 @@ def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
         elif part:
             extra.append(f"### {title}\n\n```\n{part.get('stdout', '').rstrip()}\n```\n")
     raw = json.dumps(
-        {k: v for k, v in r.items() if k not in ("shim", "client_latency", "rotation")}, indent=2
+        {k: v for k, v in r.items() if k not in ("shim", "client_latency", "rotation", "container")}, indent=2
     )
     path.write_text(
         "# secretd benchmark results\n\n"
@@ -616,15 +619,19 @@ def main() -> int:
         finally:
             broker.stop()
         r["rotation"] = run_optional(HERE / "rotation.py", [])
+        print("bench: container.py (docker run) …", file=sys.stderr)
+        r["container"] = run_optional(HERE / "container.py", [])
 
     text = render(table(r))
     print(text)
-    for key in ("shim", "client_latency", "rotation"):
+    for key in ("shim", "client_latency", "rotation", "container"):
         part = r.get(key, {})
         if "missing" in part:
             print(f"\n({part['missing']} not present: skipped)")
         elif part.get("exit"):
             print(f"\n{key}: exit {part['exit']}\n{part.get('stderr', '')}")
+        elif key == "container" and part:
+            print(f"\n{part.get('stdout', '').rstrip()}")
     if not args.no_write and not args.quick:
         out = HERE / "RESULTS.md"
         write_results(out, r, text)

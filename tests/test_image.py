@@ -255,3 +255,27 @@ def test_the_function_never_sees_the_environment_the_platform_passed(
         "--from-environ", "--once",
     )  # fmt: skip
     assert "ORDERS_DB: missing" in result.stdout, result.stdout + result.stderr
+
+
+def test_control_without_the_broker_the_value_sits_in_environ(
+    engine: Engine, image: str, app_settings: dict[str, str]
+) -> None:
+    # The same image started the platform's default way (no broker, secrets in the function's
+    # environment): the host-side check above does find the value. It can see a leak.
+    name = f"secretd-e2e-{secrets.token_hex(4)}"
+    engine.docker(
+        "run", "-d", "--name", name, "--network", "none", "--user", "func",
+        "--entrypoint", "/usr/bin/python3.11", *env_args(app_settings), image,
+        "-I", "/app/function.py", "--from-environ",
+    )  # fmt: skip
+    try:
+
+        def started() -> bool:
+            return "waiting for work" in engine.docker("logs", name, check=False).stdout
+
+        wait_until(started, RUN_TIMEOUT, "the function to start")
+        (pid,) = host_pids(engine, name)
+        value = app_settings["ORDERS_DB"].encode()
+        assert leaked_values(read_proc(pid, "environ"), [value]) == [value]
+    finally:
+        engine.docker("rm", "-f", name, check=False)
