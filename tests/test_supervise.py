@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from harness import (
+    DEFAULT_SCOPES,
     SYSTEM_PYTHON,
     TESTS_DIR,
     Binaries,
@@ -25,10 +26,9 @@ from harness import (
     Processes,
     Sandbox,
     broker_config,
-    DEFAULT_SCOPES,
+    cmdline_of,
     environ_names,
     environ_of,
-    cmdline_of,
     leaked_values,
     needs_root,
     proc_stat_fields,
@@ -107,9 +107,7 @@ def test_program_gets_the_environment_minus_brokered_variables(
     assert leaked_values(environ + cmdline_of(child), host_secrets.all_values()) == []
     passed = run.broker.env
     # Everything [sources.env] did not take passes through, values intact; SECRETD_SOCKET is added.
-    expected = sorted(
-        [n for n in passed if n not in host_secrets.values] + ["SECRETD_SOCKET"]
-    )
+    expected = sorted([n for n in passed if n not in host_secrets.values] + ["SECRETD_SOCKET"])
     assert environ_names(environ) == expected
     assert f"UNBROKERED_TOKEN={passed['UNBROKERED_TOKEN']}".encode() in environ.split(b"\0")
     assert f"SECRETD_SOCKET={sandbox.socket}".encode() in environ.split(b"\0")
@@ -145,9 +143,7 @@ def test_the_broker_serves_until_program_exits(supervise: SuperviseFactory) -> N
 
 
 @pytest.mark.parametrize("code", [0, 3, 255])
-def test_exit_status_propagates(
-    supervise: SuperviseFactory, sandbox: Sandbox, code: int
-) -> None:
+def test_exit_status_propagates(supervise: SuperviseFactory, sandbox: Sandbox, code: int) -> None:
     run = supervise("exit", str(code))
     assert run.wait_exit() == code
     assert not sandbox.socket.exists()
@@ -168,6 +164,7 @@ def test_orphans_are_reaped(supervise: SuperviseFactory) -> None:
     _, grandchild, _, ppid = run.wait_line("grandchild ").split()
     # Orphaned, it was re-parented to the broker (a child subreaper, as PID 1 would be) ...
     assert int(ppid) == run.broker.pid
+
     # ... which reaps it once it exits: no zombie stays behind.
     def gone() -> bool:
         fields = proc_stat_fields(int(grandchild))

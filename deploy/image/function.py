@@ -5,7 +5,7 @@ whether it got it — never the value — checks that a secret outside its scope
 then waits for work until it is stopped (SIGTERM/SIGINT: a clean exit 0).
 
     /app/function.py                  report, then wait until stopped
-    /app/function.py --once           report, exit 0
+    /app/function.py --once           report, exit 0 (1 when ORDERS_DB was not there)
     /app/function.py --exit N         report, exit N
     /app/function.py --orphan         also leave an orphaned grandchild behind (PID 1 reaps it)
     /app/function.py --from-environ   read ORDERS_DB from os.environ instead (the platform
@@ -32,23 +32,31 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def read_through_broker() -> None:
+def read_through_broker() -> bool:
     import secretd
 
-    value = secretd.get(SECRET)
-    say(f"{SECRET}: received via secretd.get ({len(value.encode())} bytes)")
+    try:
+        value = secretd.get(SECRET)
+    except secretd.NotFound:
+        say(f"{SECRET}: not found in the broker (docker run -e {SECRET}=...)")
+        got = False
+    else:
+        say(f"{SECRET}: received via secretd.get ({len(value.encode())} bytes)")
+        got = True
     try:
         secretd.get(OUT_OF_SCOPE)
     except secretd.PermissionDenied:
         say(f"{OUT_OF_SCOPE}: denied (out of scope)")
     else:
         say(f"{OUT_OF_SCOPE}: NOT denied")
+    return got
 
 
-def read_from_environ() -> None:
+def read_from_environ() -> bool:
     value = os.environ.get(SECRET)
     got = "missing" if value is None else f"received via os.environ ({len(value.encode())} bytes)"
     say(f"{SECRET}: {got}")
+    return value is not None
 
 
 def leave_orphan() -> None:
@@ -78,18 +86,18 @@ def main() -> int:
     if args.from_environ:
         if args.import_client:
             import secretd  # noqa: F401
-        read_from_environ()
+        got = read_from_environ()
     else:
-        read_through_broker()
+        got = read_through_broker()
     if args.orphan:
         leave_orphan()
     if args.exit is not None:
         return int(args.exit)
     if args.once:
-        return 0
+        return 0 if got else 1
     say("waiting for work; stop with SIGTERM")
-    got = signal.sigwait(stops)
-    say(f"{signal.Signals(got).name}: stopping")
+    stop = signal.sigwait(stops)
+    say(f"{signal.Signals(stop).name}: stopping")
     return 0
 
 
