@@ -22,9 +22,9 @@ use secretd::{
     registry::Registry,
     scrub,
     server::{self, bind_socket},
-    supervise,
     state::{self, Broker, ConfigOrigin},
     store::{Origin, Store},
+    supervise,
 };
 use secretd_proto::v1::{self as pb, admin_client::AdminClient, secrets_client::SecretsClient};
 
@@ -197,8 +197,8 @@ fn serve(
         tracing::info!("config: {line}");
     }
     // Supervisor mode: PROGRAM's environment is what [sources.env] does not select.
-    let program = (!program.is_empty())
-        .then(|| supervise::Program::new(program, &config.env, &env.vars));
+    let program =
+        (!program.is_empty()).then(|| supervise::Program::new(program, &config.env, &env.vars));
     let (env_secrets, file_secrets) = state::initial_secrets(&config, env.vars)?;
     let store = Store::new();
     for (name, value) in env_secrets {

@@ -372,6 +372,9 @@ mod tests {
             ]
         );
         let shown = format!("{program:?}");
-        assert!(!shown.contains("/usr/bin\"") && !shown.contains("C.UTF-8"), "{shown}");
+        assert!(
+            !shown.contains("/usr/bin\"") && !shown.contains("C.UTF-8"),
+            "{shown}"
+        );
     }
 }
