@@ -220,12 +220,11 @@ def test_function_reads_its_secret_and_no_process_holds_one(
 
         wait_until(no_zombie, RUN_TIMEOUT, "PID 1 to reap the orphan")
 
-        started = time.monotonic()
         engine.docker("stop", "-t", str(STOP_GRACE), name, timeout=STOP_GRACE + RUN_TIMEOUT)
-        elapsed = time.monotonic() - started
         state = json.loads(engine.docker("inspect", "-f", "{{json .State}}", name).stdout)
+        # Within the grace period: had it run out, the engine's SIGKILL would make this 137.
         assert state["ExitCode"] == 0, (state, logs())
-        assert elapsed < STOP_GRACE, f"docker stop took {elapsed:.1f}s: SIGTERM was not handled"
+        assert not state["OOMKilled"]
         assert "SIGTERM: stopping" in logs()
         # Every process of the container is gone: nothing left behind, not even a zombie.
         assert [p for p in pids if proc_stat_fields(p) is not None] == []
