@@ -27,6 +27,9 @@
 //! level = "info"                    # a tracing EnvFilter directive; RUST_LOG overrides it
 //! ```
 //!
+//! and the contract's `[audit]` (section 10): `on_failure = "deny" | "serve"` (default `deny`)
+//! and `max_queue` (records waiting for the disk, default 65536).
+//!
 //! The file holds no secret values, so echoing its text in errors is fine.
 
 use std::collections::HashMap;
@@ -66,6 +69,7 @@ pub struct Config {
     pub policy: Policy,
     pub limits: Limits,
     pub log: LogConfig,
+    pub audit: AuditConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -249,6 +253,44 @@ impl Default for Limits {
     }
 }
 
+/// `[audit]`: what happens when audit records cannot be kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditConfig {
+    pub on_failure: OnFailure,
+    /// Records accepted but not yet written, at most.
+    pub max_queue: usize,
+}
+
+/// `[audit].on_failure`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Refuse (`UNAVAILABLE`) the calls whose records cannot be kept.
+    Deny,
+    /// Serve them and count the records dropped.
+    Serve,
+}
+
+impl OnFailure {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFailure::Deny => "deny",
+            OnFailure::Serve => "serve",
+        }
+    }
+}
+
+/// Largest `max_queue` accepted: ~300 bytes of memory per waiting record, so ~5 GiB.
+pub const MAX_AUDIT_QUEUE: usize = 1 << 24;
+
+impl Default for AuditConfig {
+    fn default() -> AuditConfig {
+        AuditConfig {
+            on_failure: OnFailure::Deny,
+            max_queue: 65536,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Human,
@@ -304,6 +346,7 @@ impl Config {
             policy: Policy::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 
@@ -358,10 +401,16 @@ impl Config {
         } else {
             writeln!(out, "admin uids: {}", join(s.admin_uids.iter()))
         };
-        let _ = match &s.audit_log {
-            AuditTarget::Stderr => writeln!(out, "audit log: stderr"),
-            AuditTarget::File(p) => writeln!(out, "audit log: {}", p.display()),
-        };
+        let _ = writeln!(
+            out,
+            "audit log: {} (on_failure={}, max_queue={})",
+            match &s.audit_log {
+                AuditTarget::Stderr => "stderr".to_owned(),
+                AuditTarget::File(p) => p.display().to_string(),
+            },
+            self.audit.on_failure.as_str(),
+            self.audit.max_queue
+        );
         let _ = writeln!(
             out,
             "env source: include {}; exclude {}",
@@ -462,6 +511,7 @@ struct RawConfig {
     scope: Vec<Spanned<RawScope>>,
     limits: Option<RawLimits>,
     log: Option<RawLog>,
+    audit: Option<RawAudit>,
 }
 
 #[derive(Deserialize)]
@@ -538,6 +588,13 @@ struct RawLimits {
     max_request_bytes: Option<Spanned<usize>>,
     max_names_per_request: Option<Spanned<usize>>,
     shutdown_grace: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    on_failure: Option<Spanned<String>>,
+    max_queue: Option<Spanned<usize>>,
 }
 
 #[derive(Deserialize)]
@@ -682,6 +739,35 @@ impl RawConfig {
                     ));
                 }
                 config.log.level = level.into_inner();
+            }
+        }
+
+        if let Some(audit) = self.audit {
+            let at = "in [audit]";
+            if let Some(v) = audit.on_failure {
+                config.audit.on_failure = match v.get_ref().as_str() {
+                    "deny" => OnFailure::Deny,
+                    "serve" => OnFailure::Serve,
+                    _ => {
+                        return Err(doc.err(
+                            &v,
+                            "on_failure",
+                            at,
+                            "expected \"deny\" or \"serve\"",
+                        ));
+                    }
+                };
+            }
+            if let Some(v) = audit.max_queue {
+                if *v.get_ref() > MAX_AUDIT_QUEUE {
+                    return Err(doc.err(
+                        &v,
+                        "max_queue",
+                        at,
+                        format!("must be at most {MAX_AUDIT_QUEUE}"),
+                    ));
+                }
+                config.audit.max_queue = at_least_one(doc, v, "max_queue", at)?;
             }
         }
         Ok(config)
@@ -1378,7 +1464,7 @@ mod tests {
             ("[server]\nsocket = \"/x\"\ncolour = 1\n",
              "3:1: unknown key `colour` in [server], expected one of `socket`, `socket_mode`, `admin_uids`, `audit_log`"),
             ("colour = 1\n",
-             "1:1: unknown key `colour` at the top level, expected one of `server`, `sources`, `scope`, `limits`, `log`"),
+             "1:1: unknown key `colour` at the top level, expected one of `server`, `sources`, `scope`, `limits`, `log`, `audit`"),
             ("[server]\nsocket = 5\n",
              "2:10: `socket` in [server]: invalid type: integer `5`, expected a string"),
             ("[server]\nadmin_uids = [0, -1]\n",
@@ -1457,6 +1543,14 @@ mod tests {
              "2:18: `shutdown_grace` in [limits]: expected a duration such as \"5s\" or \"500ms\" (expected number at 0)"),
             ("[limits]\nshutdown_grace = 5\n",
              "2:18: `shutdown_grace` in [limits]: invalid type: integer `5`, expected a string"),
+            ("[audit]\non_failure = \"drop\"\n",
+             "2:14: `on_failure` in [audit]: expected \"deny\" or \"serve\""),
+            ("[audit]\nmax_queue = 0\n",
+             "2:13: `max_queue` in [audit]: must be at least 1"),
+            ("[audit]\nmax_queue = 99999999\n",
+             "2:13: `max_queue` in [audit]: must be at most 16777216"),
+            ("[audit]\nqueue = 1\n",
+             "2:1: unknown key `queue` in [audit], expected `on_failure` or `max_queue`"),
             ("[log]\nformat = \"xml\"\n",
              "2:10: `format` in [log]: expected \"human\" or \"json\""),
             ("[log]\nlevel = \"info\"\nfile = \"/x\"\n",
@@ -1708,6 +1802,10 @@ shutdown_grace = "1500ms"
 [log]
 format = "json"
 level = "secretd=debug,info"
+
+[audit]
+on_failure = "serve"
+max_queue = 1000
 "#;
 
     #[test]
@@ -1765,13 +1863,20 @@ level = "secretd=debug,info"
         assert_eq!(c.limits.shutdown_grace, Duration::from_millis(1500));
         assert_eq!(c.log.format, LogFormat::Json);
         assert_eq!(c.log.level, "secretd=debug,info");
+        assert_eq!(
+            c.audit,
+            AuditConfig {
+                on_failure: OnFailure::Serve,
+                max_queue: 1000
+            }
+        );
 
         assert_eq!(
             c.summary(),
             "config: /etc/secretd/secretd.toml
 socket: /run/secretd/s.sock (mode 0660)
 admin uids: 0, 990
-audit log: /var/log/secretd/audit.jsonl
+audit log: /var/log/secretd/audit.jsonl (on_failure=serve, max_queue=1000)
 env source: include [\"APP_*\", \"DB_*\"]; exclude [\"DB_DEBUG\"]
 file source: /run/secrets, /run/credentials/secretd
 scopes: 3
@@ -1802,13 +1907,15 @@ log: format=json level=\"secretd=debug,info\"
             assert_eq!(c.limits.shutdown_grace, Duration::from_secs(5));
             assert_eq!(c.log.format, LogFormat::Human);
             assert_eq!(c.log.level, "info");
+            assert_eq!(c.audit.on_failure, OnFailure::Deny);
+            assert_eq!(c.audit.max_queue, 65536);
         }
         assert_eq!(
             Config::defaults().summary(),
             "no config file: built-in defaults
 socket: /run/secretd/secretd.sock (mode 0666)
 admin uids: 0
-audit log: stderr
+audit log: stderr (on_failure=deny, max_queue=65536)
 env source: include [\"*\"]; exclude [\"PATH\", \"HOME\", \"HOSTNAME\", \"LANG\", \"LC_*\", \"TERM\", \"TZ\", \"PWD\", \"SHLVL\", \"RUST_LOG\"]
 file source: none
 no scopes: every read is denied
