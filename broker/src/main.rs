@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use secretd::{
-    audit::AuditLog,
+    audit::{self, AuditLog},
     client,
     config::{Config, DEFAULT_CONFIG_PATH, LogFormat},
     filewatch, openbao,
@@ -215,7 +215,7 @@ fn serve(
                 .with_context(|| format!("--ready-fd {fd} is not an open file descriptor"))
         })
         .transpose()?;
-    let audit = AuditLog::open(&config.server.audit_log)
+    let audit = AuditLog::open(&config.server.audit_log, config.audit)
         .with_context(|| format!("failed to open the audit log {:?}", config.server.audit_log))?;
     // 5. The runtime (its threads start only now, after the wipe and the hardening), the
     // OpenBao start-up fetch, the socket. Every mapped secret is fetched before the socket is
@@ -290,6 +290,8 @@ fn serve(
         broker.set_openbao(handle);
         filewatch::spawn(Arc::clone(&broker));
         spawn_reload_on_sighup(Arc::clone(&broker))?;
+        spawn_denial_summaries(Arc::clone(&broker));
+        let grace = broker.config().limits.shutdown_grace;
         let outcome = match program {
             None => server::serve(Arc::clone(&broker), listener, stop_signal()?, ready)
                 .await
@@ -301,7 +303,10 @@ fn serve(
                     .map_err(anyhow::Error::from)
             }
         };
-        broker.audit.flush();
+        broker.audit.denials.summarize(audit::SUMMARY_EVERY);
+        // Every queued record is written; a failing or stalled disk gets the grace period.
+        let audit = Arc::clone(&broker);
+        let _ = tokio::task::spawn_blocking(move || audit.audit.shutdown(grace)).await;
         outcome
     });
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -332,13 +337,32 @@ fn spawn_reload_on_sighup(broker: Arc<Broker>) -> anyhow::Result<()> {
     let mut hup = signal(SignalKind::hangup()).context("failed to install the SIGHUP handler")?;
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading configuration");
+            tracing::info!("SIGHUP: reloading configuration and reopening the audit log");
             if let Err(e) = broker.reload().await {
                 tracing::error!(error = %e, "reload rejected; the configuration in force is unchanged");
+            }
+            // Also after a rejected config: logrotate has renamed the audit file away.
+            if let Err(e) = broker.reopen_audit().await
+                && !matches!(e, audit::ReopenError::Open { .. })
+            // the writer logged that one
+            {
+                tracing::error!("{e}");
             }
         }
     });
     Ok(())
+}
+
+/// The operator log's summaries of refused calls, one line per caller uid and interval.
+fn spawn_denial_summaries(broker: Arc<Broker>) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(audit::SUMMARY_EVERY);
+        every.tick().await; // the first tick is immediate
+        loop {
+            every.tick().await;
+            broker.audit.denials.summarize(audit::SUMMARY_EVERY);
+        }
+    });
 }
 
 fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
@@ -515,6 +539,22 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
         "open_connections": s.open_connections,
         "calls_allowed": s.calls_allowed,
         "calls_denied": s.calls_denied,
+        "audit": s.audit.as_ref().map(|a| serde_json::json!({
+            "target": a.target,
+            "state": a.state,
+            "on_failure": a.on_failure,
+            "max_queue": a.max_queue,
+            "queue_depth": a.queue_depth,
+            "queue_peak": a.queue_peak,
+            "records_written": a.records_written,
+            "records_dropped": a.records_dropped,
+            "calls_refused": a.calls_refused,
+            "write_failures": a.write_failures,
+            "queue_full": a.queue_full,
+            "last_error": (!a.last_error.is_empty()).then_some(&a.last_error),
+            "last_error_time": (!a.last_error_time.is_empty()).then_some(&a.last_error_time),
+            "reopens": a.reopens,
+        })),
         "sources": s.sources.iter().map(|src| serde_json::json!({
             "name": src.name,
             "secrets": src.secrets,
@@ -548,6 +588,28 @@ fn print_status(s: &pb::StatusResponse) {
         "calls       {} allowed, {} denied",
         s.calls_allowed, s.calls_denied
     );
+    if let Some(a) = &s.audit {
+        println!(
+            "audit       {} to {} (on_failure {}); queue {}/{} (peak {}); {} written, {} dropped, \
+             {} calls refused; {} reopens",
+            a.state,
+            a.target,
+            a.on_failure,
+            a.queue_depth,
+            a.max_queue,
+            a.queue_peak,
+            a.records_written,
+            a.records_dropped,
+            a.calls_refused,
+            a.reopens
+        );
+        if !a.last_error.is_empty() {
+            println!(
+                "audit error {} write failures, {} times queue full; last: {} ({})",
+                a.write_failures, a.queue_full, a.last_error, a.last_error_time
+            );
+        }
+    }
     for src in &s.sources {
         let ok = if src.last_success.is_empty() {
             "never"

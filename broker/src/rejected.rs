@@ -130,7 +130,8 @@ where
                     .stats
                     .denied
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                broker.audit.record(record);
+                // Already answered with an error: nothing to withhold, so never refused.
+                broker.audit.record_best_effort(record);
             }
             Ok(resp)
         })

@@ -12,7 +12,7 @@ use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status};
 
 use crate::{
-    audit::{AuditRecord, Outcome},
+    audit::{self, AuditRecord, Outcome, Refusal, Reservation},
     name::SecretName,
     peer::{Peer, PeerInfo},
     policy::{Caller, Decision, evaluate},
@@ -32,6 +32,10 @@ pub const ADMIN_DENIED: &str =
 struct Call<'a> {
     broker: &'a Broker,
     record: AuditRecord,
+    /// The record's place in the audit queue, for calls that change something.
+    slot: Option<Reservation<'a>>,
+    /// Answered whatever the audit log does (see [`Call::exempt`]).
+    exempt: bool,
 }
 
 impl<'a> Call<'a> {
@@ -46,20 +50,38 @@ impl<'a> Call<'a> {
             Ok(att) => {
                 let mut record = AuditRecord::new(rpc, &att.caller);
                 record.scopes = att.grant.shared_names();
-                Ok((Call { broker, record }, att))
+                Ok((
+                    Call {
+                        broker,
+                        record,
+                        slot: None,
+                        exempt: false,
+                    },
+                    att,
+                ))
             }
             Err(why) => {
                 let mut record = AuditRecord::new(rpc, &bare_caller(&peer));
                 record.decision = Outcome::Deny;
                 record.reason = Some(why.to_string());
-                tracing::warn!(conn = peer.conn, pid = peer.pid, uid = peer.uid, rpc, reason = %why, "call refused: caller not verified");
-                Call { broker, record }.finish();
-                Err(Status::permission_denied(match why {
+                if broker.audit.denials.note(peer.uid, Refusal::Unverified) {
+                    tracing::warn!(conn = peer.conn, pid = peer.pid, uid = peer.uid, rpc, reason = %why, "call refused: caller not verified (further refusals of this uid are summarised every {})", humantime::format_duration(audit::SUMMARY_EVERY));
+                } else {
+                    tracing::debug!(conn = peer.conn, pid = peer.pid, uid = peer.uid, rpc, reason = %why, "call refused: caller not verified");
+                }
+                let status = Status::permission_denied(match why {
                     Unverified::Exited => why.to_string(),
                     Unverified::Failed(_) => {
                         "permission denied: caller identity could not be verified".to_owned()
                     }
-                }))
+                });
+                Err(Call {
+                    broker,
+                    record,
+                    slot: None,
+                    exempt: false,
+                }
+                .refuse(status))
             }
         }
     }
@@ -69,28 +91,63 @@ impl<'a> Call<'a> {
         self
     }
 
-    fn allow(mut self) {
+    /// For a call that changes something: hold its record's place in the audit queue before
+    /// the change, so that a change is never made whose record cannot be kept. `Err`: the
+    /// call is refused `UNAVAILABLE` (and recorded as such) without doing anything.
+    fn reserve(mut self) -> Result<Self, Status> {
+        match self.broker.audit.reserve() {
+            Ok(slot) => {
+                self.slot = Some(slot);
+                Ok(self)
+            }
+            Err(audit::Unavailable) => {
+                count(self.broker, false);
+                self.broker.audit.refuse(self.record);
+                Err(Status::unavailable(audit::UNAVAILABLE))
+            }
+        }
+    }
+
+    /// Record the call as allowed. Must come before the answer is released: `Err` (the
+    /// record cannot be kept and `on_failure = "deny"`) is the status to answer instead.
+    fn allow(mut self) -> Result<(), Status> {
         self.record.decision = Outcome::Allow;
-        self.finish();
+        self.finish()
+    }
+
+    /// Answer this call whatever the audit log does: its record is kept if there is room,
+    /// else counted as dropped. Only for `Status` and `Reload`, which hand out no secret and
+    /// are how an operator sees and repairs a failing audit log (reload reopens it).
+    fn exempt(mut self) -> Self {
+        self.exempt = true;
+        self
     }
 
     fn deny(mut self, reason: impl Into<String>, message: &str) -> Status {
         let reason = reason.into();
-        tracing::info!(
-            pid = self.record.pid, uid = self.record.uid, function = ?self.record.function,
-            rpc = self.record.rpc, names = ?self.record.names, scopes = ?self.record.scopes,
-            reason = %reason, "denied"
-        );
+        let r = &self.record;
+        // The audit log has every denial; the operator log the first per uid, then summaries.
+        if self.broker.audit.denials.note(r.uid, Refusal::Denied) {
+            tracing::info!(
+                pid = r.pid, uid = r.uid, function = ?r.function, rpc = r.rpc, names = ?r.names,
+                scopes = ?r.scopes, reason = %reason,
+                "denied (further denials of this uid are summarised every {})",
+                humantime::format_duration(audit::SUMMARY_EVERY)
+            );
+        } else {
+            tracing::debug!(
+                pid = r.pid, uid = r.uid, function = ?r.function, rpc = r.rpc, names = ?r.names,
+                scopes = ?r.scopes, reason = %reason, "denied"
+            );
+        }
         self.record.decision = Outcome::Deny;
         self.record.reason = Some(reason);
-        self.finish();
-        Status::permission_denied(message)
+        self.refuse(Status::permission_denied(message))
     }
 
     fn not_found(mut self) -> Status {
         self.record.decision = Outcome::NotFound;
-        self.finish();
-        Status::not_found(NOT_FOUND)
+        self.refuse(Status::not_found(NOT_FOUND))
     }
 
     /// Malformed input: the message says what is wrong, never echoes what was sent.
@@ -98,29 +155,61 @@ impl<'a> Call<'a> {
         self.record.decision = Outcome::Invalid;
         self.record.reason = Some(message.clone());
         self.record.names.clear();
-        self.finish();
-        Status::invalid_argument(message)
+        self.refuse(Status::invalid_argument(message))
     }
 
     fn failed(mut self, code: tonic::Code, message: String) -> Status {
         self.record.decision = Outcome::Invalid;
         self.record.reason = Some(message.clone());
-        self.finish();
-        Status::new(code, message)
+        self.refuse(Status::new(code, message))
     }
 
-    fn finish(self) {
-        let stats = &self.broker.stats;
-        match self.record.decision {
-            Outcome::Allow | Outcome::NotFound => stats
-                .allowed
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            Outcome::Deny | Outcome::Invalid => stats
-                .denied
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-        };
-        self.broker.audit.record(self.record);
+    /// Finish a call answered with an error: `status`, or `UNAVAILABLE` if even the record of
+    /// the refusal cannot be kept.
+    fn refuse(self, status: Status) -> Status {
+        self.finish().err().unwrap_or(status)
     }
+
+    /// Offer the record to the audit log and count the call. `Err`: `UNAVAILABLE` "audit log
+    /// unavailable" — the record cannot be kept and `[audit] on_failure = "deny"`.
+    fn finish(self) -> Result<(), Status> {
+        let Call {
+            broker,
+            record,
+            slot,
+            exempt,
+        } = self;
+        let allowed = matches!(record.decision, Outcome::Allow | Outcome::NotFound);
+        if let Some(slot) = slot {
+            slot.fill(record);
+            count(broker, allowed);
+            return Ok(());
+        }
+        if exempt {
+            broker.audit.record_best_effort(record);
+            count(broker, allowed);
+            return Ok(());
+        }
+        match broker.audit.record(record) {
+            Ok(()) => {
+                count(broker, allowed);
+                Ok(())
+            }
+            Err(audit::Unavailable) => {
+                count(broker, false);
+                Err(Status::unavailable(audit::UNAVAILABLE))
+            }
+        }
+    }
+}
+
+fn count(broker: &Broker, allowed: bool) {
+    let counter = if allowed {
+        &broker.stats.allowed
+    } else {
+        &broker.stats.denied
+    };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn peer_of<T>(req: &Request<T>) -> Result<PeerInfo, Status> {
@@ -184,7 +273,7 @@ impl Secrets for SecretsService {
             Decision::Deny(reason) => Err(call.deny(reason.to_string(), DENIED)),
             Decision::Allow { .. } => match secret_of(&self.broker, &name) {
                 Some(secret) => {
-                    call.allow();
+                    call.allow()?;
                     Ok(Response::new(secret))
                 }
                 None => Err(call.not_found()),
@@ -226,7 +315,7 @@ impl Secrets for SecretsService {
                 None => return Err(call.not_found()),
             }
         }
-        call.allow();
+        call.allow()?;
         Ok(Response::new(pb::GetSecretsResponse { secrets }))
     }
 
@@ -246,7 +335,7 @@ impl Secrets for SecretsService {
                 .map(SecretName::into_string)
                 .collect()
         };
-        call.allow();
+        call.allow()?;
         Ok(Response::new(pb::ListSecretsResponse { names }))
     }
 
@@ -256,7 +345,7 @@ impl Secrets for SecretsService {
     ) -> Result<Response<pb::WhoAmIResponse>, Status> {
         let (call, att) = Call::start(&self.broker, "WhoAmI", &req)?;
         let scopes = call.record.scopes.to_vec();
-        call.allow();
+        call.allow()?;
         let c = att.caller;
         Ok(Response::new(pb::WhoAmIResponse {
             pid: c.pid,
@@ -289,7 +378,7 @@ impl Secrets for SecretsService {
         let Some(first) = secret_of(&self.broker, &name) else {
             return Err(call.not_found());
         };
-        call.allow();
+        call.allow()?;
         // The task below turns store events into notifications; the value is read when the
         // stream is polled, i.e. when HTTP/2 can take the next message. Nothing queues values:
         // a watcher that falls behind gets the newest one, and a rotated-away value is never
@@ -389,6 +478,29 @@ fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
 
+fn audit_status(a: audit::AuditStats) -> pb::AuditStatus {
+    pb::AuditStatus {
+        target: a.target,
+        on_failure: a.on_failure.as_str().to_owned(),
+        max_queue: a.max_queue,
+        queue_depth: a.queue_depth,
+        queue_peak: a.queue_peak,
+        records_written: a.written,
+        records_dropped: a.dropped,
+        calls_refused: a.refused,
+        write_failures: a.write_failures,
+        queue_full: a.queue_full,
+        state: a.state.to_owned(),
+        last_error_time: a
+            .last_error
+            .as_ref()
+            .map(|(t, _)| rfc3339(*t))
+            .unwrap_or_default(),
+        last_error: a.last_error.map(|(_, e)| e).unwrap_or_default(),
+        reopens: a.reopens,
+    }
+}
+
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn register_worker(
@@ -404,6 +516,7 @@ impl Admin for AdminService {
         }
         call.record.function = Some(r.function.clone());
         let peer = peer_of(&req)?;
+        let mut call = call.reserve()?;
         let result = if r.pid == 0 {
             self.broker.registry.register_peer(&peer, &r.function)
         } else {
@@ -414,7 +527,7 @@ impl Admin for AdminService {
                 call.record.reason =
                     Some(format!("registered pid {} as {}", reg.pid, reg.function));
                 tracing::info!(pid = reg.pid, function = %reg.function, by_pid = peer.pid, "worker registered");
-                call.allow();
+                call.allow()?;
                 Ok(Response::new(pb::RegisterWorkerResponse {
                     pid: reg.pid,
                     function: reg.function,
@@ -429,21 +542,29 @@ impl Admin for AdminService {
         req: Request<pb::ReloadRequest>,
     ) -> Result<Response<pb::ReloadResponse>, Status> {
         let (call, _att) = self.admin("Reload", &req)?;
-        match self.broker.reload().await {
-            Ok(config) => {
-                call.allow();
+        let call = call.exempt();
+        let reloaded = self.broker.reload().await;
+        // Whether or not the config was good: logrotate has renamed the file away.
+        let reopened = self.broker.reopen_audit().await;
+        match (reloaded, reopened) {
+            (Ok(config), Ok(())) => {
+                call.allow()?;
                 Ok(Response::new(pb::ReloadResponse {
                     secrets: self.broker.store.len() as u64,
                     scopes: config.policy.scopes().len() as u64,
                 }))
             }
-            Err(e) => {
+            (Err(e), _) => {
                 tracing::error!(error = %e, "reload rejected; the configuration in force is unchanged");
                 Err(call.failed(
                     tonic::Code::FailedPrecondition,
                     format!("reload rejected, configuration unchanged: {e}"),
                 ))
             }
+            (Ok(_), Err(e)) => Err(call.failed(
+                tonic::Code::FailedPrecondition,
+                format!("configuration reloaded, but {e}"),
+            )),
         }
     }
 
@@ -452,7 +573,8 @@ impl Admin for AdminService {
         req: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
         let (call, att) = self.admin("Status", &req)?;
-        call.allow();
+        // Answered even when the audit log is failing: it is how an operator sees that.
+        call.exempt().allow()?;
         let b = &self.broker;
         let counts = b.store.count_by_origin();
         let health = b.source_health();
@@ -495,6 +617,7 @@ impl Admin for AdminService {
                 .unwrap_or_default(),
             sources,
             pid: u64::from(std::process::id()),
+            audit: Some(audit_status(b.audit.stats())),
         }))
     }
 
@@ -513,7 +636,7 @@ impl Admin for AdminService {
         })
         .await
         .map_err(|e| Status::internal(format!("scan failed: {e}")))?;
-        call.allow();
+        call.allow()?;
         Ok(Response::new(pb::ScanResponse {
             hits: report
                 .hits
@@ -547,9 +670,10 @@ impl Admin for AdminService {
         if let Some(n) = &name {
             call.names(std::slice::from_ref(n));
         }
+        let call = call.reserve()?;
         match self.broker.refresh(name.as_ref()).await {
             Ok(refreshed) => {
-                call.allow();
+                call.allow()?;
                 Ok(Response::new(pb::RefreshResponse { refreshed }))
             }
             Err(e) => Err(call.failed(tonic::Code::Unavailable, format!("refresh failed: {e}"))),
@@ -566,12 +690,13 @@ impl Admin for AdminService {
             Err(e) => return Err(call.invalid(e)),
         };
         call.names(std::slice::from_ref(&name));
+        let call = call.reserve()?;
         let value = req.into_inner().value;
         let version = self
             .broker
             .store
             .put(name, crate::store::secret(value), Origin::Admin);
-        call.allow();
+        call.allow()?;
         Ok(Response::new(pb::SetSecretResponse { version }))
     }
 
@@ -585,8 +710,9 @@ impl Admin for AdminService {
             Err(e) => return Err(call.invalid(e)),
         };
         call.names(std::slice::from_ref(&name));
+        let call = call.reserve()?;
         if self.broker.store.delete(&name) {
-            call.allow();
+            call.allow()?;
             Ok(Response::new(pb::DeleteSecretResponse {}))
         } else {
             Err(call.not_found())

@@ -14,7 +14,7 @@ use std::{
 use secrecy::SecretBox;
 
 use crate::{
-    audit::AuditLog,
+    audit::{AuditLog, ReopenError},
     config::{Config, ConfigError},
     name::SecretName,
     openbao,
@@ -304,6 +304,15 @@ impl Broker {
             n += h.refresh(None).await.map_err(SourceError::OpenBao)?;
         }
         Ok(n)
+    }
+
+    /// Apply the `[audit]` settings in force and reopen the audit log at `[server].audit_log`
+    /// (on `SIGHUP` and `Admin.Reload`, after the config reload, whether or not it succeeded:
+    /// logrotate has renamed the file away). Resolves once the writer has switched files.
+    pub async fn reopen_audit(&self) -> Result<(), ReopenError> {
+        let config = self.config();
+        self.audit.configure(config.audit);
+        self.audit.reopen(&config.server.audit_log).await
     }
 
     pub fn note_source(&self, source: &'static str, result: Result<(), String>) {

@@ -120,8 +120,40 @@ class SourceStatus(_message.Message):
     errors: int
     def __init__(self, name: _Optional[str] = ..., secrets: _Optional[int] = ..., last_success: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_time: _Optional[str] = ..., errors: _Optional[int] = ...) -> None: ...
 
+class AuditStatus(_message.Message):
+    __slots__ = ("target", "on_failure", "max_queue", "queue_depth", "queue_peak", "records_written", "records_dropped", "calls_refused", "write_failures", "queue_full", "state", "last_error", "last_error_time", "reopens")
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_PEAK_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_DROPPED_FIELD_NUMBER: _ClassVar[int]
+    CALLS_REFUSED_FIELD_NUMBER: _ClassVar[int]
+    WRITE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FULL_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_TIME_FIELD_NUMBER: _ClassVar[int]
+    REOPENS_FIELD_NUMBER: _ClassVar[int]
+    target: str
+    on_failure: str
+    max_queue: int
+    queue_depth: int
+    queue_peak: int
+    records_written: int
+    records_dropped: int
+    calls_refused: int
+    write_failures: int
+    queue_full: int
+    state: str
+    last_error: str
+    last_error_time: str
+    reopens: int
+    def __init__(self, target: _Optional[str] = ..., on_failure: _Optional[str] = ..., max_queue: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_peak: _Optional[int] = ..., records_written: _Optional[int] = ..., records_dropped: _Optional[int] = ..., calls_refused: _Optional[int] = ..., write_failures: _Optional[int] = ..., queue_full: _Optional[int] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_time: _Optional[str] = ..., reopens: _Optional[int] = ...) -> None: ...
+
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_seconds", "secrets", "scopes", "registered_workers", "open_connections", "calls_allowed", "calls_denied", "socket", "config", "sources", "pid")
+    __slots__ = ("version", "uptime_seconds", "secrets", "scopes", "registered_workers", "open_connections", "calls_allowed", "calls_denied", "socket", "config", "sources", "pid", "audit")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SECRETS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +166,7 @@ class StatusResponse(_message.Message):
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_seconds: int
     secrets: int
@@ -146,7 +179,8 @@ class StatusResponse(_message.Message):
     config: str
     sources: _containers.RepeatedCompositeFieldContainer[SourceStatus]
     pid: int
-    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[int] = ..., secrets: _Optional[int] = ..., scopes: _Optional[int] = ..., registered_workers: _Optional[int] = ..., open_connections: _Optional[int] = ..., calls_allowed: _Optional[int] = ..., calls_denied: _Optional[int] = ..., socket: _Optional[str] = ..., config: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[SourceStatus, _Mapping]]] = ..., pid: _Optional[int] = ...) -> None: ...
+    audit: AuditStatus
+    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[int] = ..., secrets: _Optional[int] = ..., scopes: _Optional[int] = ..., registered_workers: _Optional[int] = ..., open_connections: _Optional[int] = ..., calls_allowed: _Optional[int] = ..., calls_denied: _Optional[int] = ..., socket: _Optional[str] = ..., config: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[SourceStatus, _Mapping]]] = ..., pid: _Optional[int] = ..., audit: _Optional[_Union[AuditStatus, _Mapping]] = ...) -> None: ...
 
 class ScanRequest(_message.Message):
     __slots__ = ()
