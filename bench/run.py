@@ -6,7 +6,8 @@
 What runs (issue #6), each comparison interleaved in the same run:
   secretd-bench suite      Rust GetSecret vs the tonic echo floor (1), throughput at 1/8/32/128
                            connections (3), scaling with secrets and scopes (4), start-up to
-                           READY (5), broker RSS (6)
+                           READY (5), broker RSS (6), what the audit log costs (issue 16:
+                           p50 with the audit log to a file vs to nowhere, bytes per call)
   bench/py_latency.py      Python secretd.get vs grpc health Check vs a /dev/shm file (2) vs
                            OpenBao KV v2 over loopback HTTP (8)
   bench/shim_overhead.py   secretd-shim exec overhead over `env -i` (7)
@@ -423,6 +424,33 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "",
             )
         )
+    if "audit" in rust:
+        a = rust["audit"]
+        how = "pinned" if a.get("pinned") else "unpinned"
+        for suffix, when in [("", "now"), ("_baseline", "before")]:
+            f, n = a.get(f"audit_file{suffix}"), a.get(f"audit_nowhere{suffix}")
+            if not f or not n:
+                continue
+            rows.append(
+                (
+                    f"9 GetSecret p50, audit to a file vs to nowhere ({when}, {how})",
+                    "info",
+                    f"{f['p50_us'] / n['p50_us']:.2f}x ({f['p50_us']:.0f} vs {n['p50_us']:.0f} us;"
+                    f" p99 {f['p99_us']:.0f} vs {n['p99_us']:.0f} us)",
+                    "",
+                )
+            )
+        b, was = a.get("bytes_per_call"), a.get("bytes_per_call_baseline")
+        if b:
+            rows.append(
+                (
+                    "9 audit log bytes per GetSecret call",
+                    "info",
+                    f"{b['per_call']:.0f} B"
+                    + (f" (before: {was['per_call']:.0f} B)" if was else ""),
+                    "",
+                )
+            )
     shim = r.get("shim", {})
     for key, label, limit in [
         ("overhead_ms", "7 shim exec overhead over env -i", 1.0),

@@ -85,7 +85,7 @@ enum Cmd {
         /// a round trip by tens of microseconds; pinning makes that the same for every server.
         #[arg(long)]
         pin: bool,
-        /// Only these items (comma-separated: latency,throughput,scaling,startup,memory).
+        /// Only these items (comma-separated: latency,throughput,scaling,startup,memory,audit).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -161,6 +161,7 @@ fn main() -> anyhow::Result<()> {
                 ("scaling_pinned", |s: &Suite| s.scaling(true)),
                 ("startup", Suite::startup),
                 ("memory", Suite::memory),
+                ("audit", |s: &Suite| s.audit(s.pin.is_some())),
             ] {
                 let base = item.trim_end_matches("_pinned");
                 if !want(base) || (item != base && !pinned) {
@@ -393,6 +394,53 @@ impl Suite {
             running.stop();
         }
         Ok(stats_json(&all))
+    }
+
+    /// Issue 16: what the audit log costs. `GetSecret` p50 with the audit log written to a
+    /// file vs written nowhere (stderr to `/dev/null`), interleaved, for this build and the
+    /// `--baseline` one; and the audit file's bytes per call (the calls above: warm-up and
+    /// timed, all allowed `GetSecret`s).
+    fn audit(&self, pinned: bool) -> anyhow::Result<Value> {
+        let cpu = self.server_cpu(pinned);
+        let mut brokers = Vec::new();
+        let mut builds = vec![("", &self.secretd)];
+        if let Some(b) = &self.baseline {
+            builds.push(("_baseline", b));
+        }
+        for (suffix, bin) in builds {
+            for (what, nowhere) in [("file", false), ("nowhere", true)] {
+                let dir = BrokerDir::with_audit(SMALL, nowhere)?;
+                let running = dir.start(bin, cpu)?;
+                brokers.push((format!("audit_{what}{suffix}"), dir, running));
+            }
+        }
+        let all = self.pinned(pinned, || {
+            current_thread()?.block_on(async {
+                let mut targets = Vec::new();
+                for (label, _, running) in &brokers {
+                    targets.push((label.clone(), connect(&running.socket).await?));
+                }
+                latency(&mut targets, self.calls, 20).await
+            })
+        })?;
+        let mut out = match stats_json(&all) {
+            Value::Object(m) => m,
+            _ => unreachable!("stats_json returns an object"),
+        };
+        for (label, dir, running) in brokers {
+            running.stop(); // SIGTERM: every queued record is written
+            if label.starts_with("audit_file") {
+                let text = std::fs::read(dir.audit())?;
+                let lines = text.iter().filter(|&&b| b == b'\n').count().max(1);
+                out.insert(
+                    format!("bytes_per_call{}", label.trim_start_matches("audit_file")),
+                    json!({"bytes": text.len(), "records": lines,
+                           "per_call": text.len() as f64 / lines as f64}),
+                );
+            }
+        }
+        out.insert("pinned".to_owned(), json!(pinned));
+        Ok(Value::Object(out))
     }
 
     /// Item 5: wall time from spawn (exec) to READY, secrets from `[sources.files]`.

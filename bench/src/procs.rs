@@ -136,10 +136,18 @@ pub struct BrokerShape {
 #[derive(Debug)]
 pub struct BrokerDir {
     pub dir: tempfile::TempDir,
+    /// The audit log goes to stderr, and stderr to `/dev/null` (what a call costs without its
+    /// audit file).
+    audit_nowhere: bool,
 }
 
 impl BrokerDir {
     pub fn new(shape: BrokerShape) -> anyhow::Result<BrokerDir> {
+        BrokerDir::with_audit(shape, false)
+    }
+
+    /// `nowhere`: the audit log to stderr and stderr to `/dev/null`; else to `audit.jsonl`.
+    pub fn with_audit(shape: BrokerShape, nowhere: bool) -> anyhow::Result<BrokerDir> {
         let dir = tempfile::Builder::new()
             .prefix("secretd-bench-")
             .tempdir_in("/tmp")?;
@@ -159,7 +167,11 @@ impl BrokerDir {
              audit_log = \"{audit}\"\n\n[sources.env]\ninclude = []\n\n\
              [sources.files]\ndirs = [\"{secrets}\"]\n\n[log]\nlevel = \"info\"\n",
             socket = dir.path().join("run/secretd.sock").display(),
-            audit = dir.path().join("audit.jsonl").display(),
+            audit = if nowhere {
+                "stderr".to_owned()
+            } else {
+                dir.path().join("audit.jsonl").display().to_string()
+            },
             secrets = secrets.display(),
         );
         for i in 0..shape.scopes {
@@ -178,7 +190,14 @@ impl BrokerDir {
         }
         fs::create_dir(dir.path().join("run"))?;
         fs::write(dir.path().join("secretd.toml"), config)?;
-        Ok(BrokerDir { dir })
+        Ok(BrokerDir {
+            dir,
+            audit_nowhere: nowhere,
+        })
+    }
+
+    pub fn audit(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -193,7 +212,12 @@ impl BrokerDir {
             .arg("--config")
             .arg(self.dir.path().join("secretd.toml"))
             .env_clear();
-        spawn_ready(cmd, self.socket(), &self.dir.path().join("broker.log"))
+        let log = if self.audit_nowhere {
+            PathBuf::from("/dev/null")
+        } else {
+            self.dir.path().join("broker.log")
+        };
+        spawn_ready(cmd, self.socket(), &log)
     }
 }
 
