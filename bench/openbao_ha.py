@@ -261,11 +261,10 @@ def bench_cluster_cost(binary: Path, seconds: float) -> dict[str, Any]:
     tmp.chmod(0o755)
     croot = tmp / "cluster"
     croot.mkdir(mode=0o700)
-    cluster = Cluster(bao, croot, start_process)
+    audit = croot / "audit.log"
+    cluster = Cluster(bao, croot, start_process, audit=audit)
     broker: HaBroker | None = None
     try:
-        audit = croot / "audit.log"
-        cluster.bao(cluster.wait_active(), "audit", "enable", "file", f"file_path={audit}")
         broot = tmp / "broker"
         broot.mkdir()
         paths = 10

@@ -110,8 +110,12 @@ class Cluster:
     """Three Raft nodes; `root` is the root token (used only to set the cluster up and to write
     test values — the broker logs in with AppRole)."""
 
-    def __init__(self, binary: Path, root: Path, start: Start, size: int = 3) -> None:
+    def __init__(
+        self, binary: Path, root: Path, start: Start, size: int = 3, audit: Path | None = None
+    ) -> None:
         self.binary = binary
+        # OpenBao 2.x creates audit devices only from the config file (declarative).
+        self.audit = audit
         self.root = root
         self._start = start
         self.ca, self.cert, self.key = make_ca(root)
@@ -202,6 +206,7 @@ storage "raft" {{
   node_id = "node{node.index}"
   performance_multiplier = 1{join}
 }}
+{self._audit_stanza()}
 listener "tcp" {{
   address = "127.0.0.1:{node.api}"
   cluster_address = "127.0.0.1:{node.cluster}"
@@ -210,6 +215,11 @@ listener "tcp" {{
 }}
 """
         )
+
+    def _audit_stanza(self) -> str:
+        if self.audit is None:
+            return ""
+        return f'audit "file" "file" {{\n  options {{\n    file_path = "{self.audit}"\n  }}\n}}'
 
     def start_node(self, node: Node) -> None:
         log = open(node.dir / "bao.log", "ab")  # noqa: SIM115 - closed right after the start
