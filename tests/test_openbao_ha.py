@@ -34,6 +34,10 @@ import secretd
 # Generous bounds that only stop a hang.
 ARRIVAL_TIMEOUT = 60.0
 
+# Forming the cluster (in the first test's setup) waits up to 180 s for autopilot on a loaded
+# machine; pytest-timeout's default of 120 s per test would cut it short.
+pytestmark = pytest.mark.timeout(420)
+
 
 @dataclass
 class Ha:
