@@ -4,8 +4,9 @@
     secretd.get   secretd.Client.get on the same socket (the same HTTP/2 connection)
     dev_shm_file  open + read + decode of the same value from a file on /dev/shm (how Kubernetes,
                   Docker and systemd deliver secrets)
-    openbao_kv2   KV v2 GET of the same value from a real OpenBao dev server on loopback, over one
-                  keep-alive http.client connection, JSON decoded (the peer users would pick)
+    openbao_kv2   KV v2 GET of the same value from a real OpenBao server on loopback as it is
+                  deployed: HTTPS (verified against its CA) with an AppRole token (not the root
+                  token), over one keep-alive http.client connection, JSON decoded
 
 Each path gets the same number of calls, in rounds whose order rotates so that noise from the
 other tenants of the machine hits every path alike. Used by bench/run.py; not a test.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import gc
 import http.client
 import json
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ class OpenBao:
     token: str
     path: str  # e.g. "/v1/secret/data/bench"
     key: str
+    ca_file: str  # the server's CA: HTTPS with verification, as the broker does
 
 
 def stats(samples_ns: list[int]) -> dict[str, float]:
@@ -76,9 +79,10 @@ def measure(
         "secretd.get": lambda: client.get(name),
         "dev_shm_file": read_shm,
     }
-    conn: http.client.HTTPConnection | None = None
+    conn: http.client.HTTPSConnection | None = None
     if bao is not None:
-        conn = http.client.HTTPConnection(bao.host, bao.port, timeout=5.0)
+        context = ssl.create_default_context(cafile=bao.ca_file)
+        conn = http.client.HTTPSConnection(bao.host, bao.port, timeout=5.0, context=context)
         headers = {"X-Vault-Token": bao.token}
 
         def read_bao() -> str:

@@ -9,9 +9,11 @@ What runs (issue #6), each comparison interleaved in the same run:
                            READY (5), broker RSS (6), what the audit log costs (issue 16:
                            p50 with the audit log to a file vs to nowhere, bytes per call)
   bench/py_latency.py      Python secretd.get vs grpc health Check vs a /dev/shm file (2) vs
-                           OpenBao KV v2 over loopback HTTP (8)
+                           OpenBao KV v2 as deployed: HTTPS + an AppRole token (8)
   bench/shim_overhead.py   secretd-shim exec overhead over `env -i` (7)
-  client-py/bench/client_latency.py, bench/rotation.py   run when present; output kept verbatim
+  client-py/bench/client_latency.py, bench/rotation.py, bench/openbao_ha.py (HA failover time,
+                           refresh-cycle cost vs BASELINE, cluster cost per broker)
+                           run when present; output kept verbatim
   bench/container.py       `docker run` → function holding its secret, secretd vs os.environ
                            (private dockerd; issue #13)
 
@@ -30,6 +32,7 @@ import platform
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -118,9 +121,12 @@ def find_bao() -> Path | None:
 
 
 class Bao:
-    """`bao server -dev` on a free loopback port, holding the bench secret at secret/bench."""
+    """`bao server -dev -dev-tls` on a free loopback port, holding the bench secret at
+    secret/bench, read the way a deployment reads it: HTTPS verified against the server's CA,
+    with a token from an AppRole login whose policy allows just that path (an AppRole token
+    makes each read cost the server about twice what the root token does)."""
 
-    TOKEN = "bench-root"
+    ROOT = "bench-root"
 
     def __init__(self, binary: Path) -> None:
         with socket.socket() as s:
@@ -133,7 +139,10 @@ class Bao:
                 str(binary),
                 "server",
                 "-dev",
-                f"-dev-root-token-id={self.TOKEN}",
+                "-dev-tls",
+                f"-dev-tls-cert-dir={self.dir}",
+                f"-dev-root-token-id={self.ROOT}",
+                "-dev-no-store-token",
                 f"-dev-listen-address=127.0.0.1:{self.port}",
             ],
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.dir)},
@@ -141,32 +150,56 @@ class Bao:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"https://127.0.0.1:{self.port}"
+        self.ca = self.dir / "vault-ca.pem"
         deadline = time.monotonic() + 60
         while True:
             try:
-                with urllib.request.urlopen(f"{self.base}/v1/sys/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
+                if self.ca.is_file():
+                    self.call("GET", "/v1/sys/health")
+                    break
+            except (OSError, ValueError):
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"bao server -dev did not come up; see {self.dir}/bao.log")
             time.sleep(0.1)
-        body = json.dumps({"data": {"value": VALUE}}).encode()
+        self.call("POST", "/v1/secret/data/bench", {"data": {"value": VALUE}})
+        self.call("POST", "/v1/sys/auth/approle", {"type": "approle"})
+        policy = 'path "secret/data/bench" { capabilities = ["read"] }'
+        self.call("PUT", "/v1/sys/policies/acl/bench", {"policy": policy})
+        role = "/v1/auth/approle/role/bench"
+        self.call("POST", role, {"token_policies": "bench", "token_ttl": "1h"})
+        role_id = self.call("GET", f"{role}/role-id")["data"]["role_id"]
+        secret_id = self.call("POST", f"{role}/secret-id", {})["data"]["secret_id"]
+        login = {"role_id": role_id, "secret_id": secret_id}
+        self.token = self.call("POST", "/v1/auth/approle/login", login, token=None)["auth"][
+            "client_token"
+        ]
+
+    def call(
+        self, method: str, path: str, body: dict[str, Any] | None = None, token: str | None = ROOT
+    ) -> dict[str, Any]:
+        context = ssl.create_default_context(cafile=str(self.ca))
+        headers = {"Content-Type": "application/json"}
+        if token:
+            headers["X-Vault-Token"] = token
         request = urllib.request.Request(
-            f"{self.base}/v1/secret/data/bench",
-            data=body,
-            headers={"X-Vault-Token": self.TOKEN, "Content-Type": "application/json"},
-            method="POST",
+            f"{self.base}{path}",
+            data=None if body is None else json.dumps(body).encode(),
+            headers={
+                "Content-Type": "application/json",
+                **({"X-Vault-Token": token} if token else {}),
+            },
+            method=method,
         )
-        with urllib.request.urlopen(request, timeout=10) as r:
-            r.read()
+        with urllib.request.urlopen(request, timeout=10, context=context) as r:
+            raw = r.read()
+        return dict(json.loads(raw)) if raw else {}
 
     def target(self) -> py_latency.OpenBao:
         return py_latency.OpenBao(
-            "127.0.0.1", self.port, self.TOKEN, "/v1/secret/data/bench", "value"
+            "127.0.0.1", self.port, self.token, "/v1/secret/data/bench", "value", str(self.ca)
         )
 
     def stop(self) -> None:
@@ -261,10 +294,10 @@ def run_shim(bins: Path, quick: bool) -> dict[str, Any]:
     return out
 
 
-def run_optional(path: Path, args: list[str]) -> dict[str, Any]:
+def run_optional(path: Path, args: list[str], timeout: float = 900) -> dict[str, Any]:
     if not path.is_file():
         return {"missing": str(path.relative_to(REPO))}
-    return run_script([sys.executable, str(path), *args])
+    return run_script([sys.executable, str(path), *args], timeout=timeout)
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -469,7 +502,7 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         b, g = py["openbao_kv2"], py["secretd.get"]
         rows.append(
             (
-                "8 OpenBao KV v2 GET (Python, loopback) vs secretd.get",
+                "8 OpenBao KV v2 GET (Python, HTTPS + AppRole token, loopback) vs secretd.get",
                 "info",
                 f"{b['p50_us'] / g['p50_us']:.1f}x slower ({b['p50_us']:.0f} vs "
                 f"{g['p50_us']:.0f} us p50; p99 {b['p99_us']:.0f} vs {g['p99_us']:.0f} us)",
@@ -548,8 +581,9 @@ METHOD = """## How it was measured
   floor (with and without the clearing allocator) gets the same connections.
 - Python: `secretd.get` (secretd.Client), a raw `grpc.health.v1.Health/Check` on the same
   socket, an open+read of the same value from a file under /dev/shm, and a KV v2 GET from a
-  `bao server -dev` on loopback (one keep-alive `http.client` connection, JSON decoded), all
-  interleaved in 20 rotating rounds.
+  `bao server -dev -dev-tls` on loopback as deployed — HTTPS verified against its CA, an
+  AppRole token limited to that path (one keep-alive `http.client` connection, JSON decoded),
+  all interleaved in 20 rotating rounds.
 
 """
 
@@ -562,6 +596,7 @@ def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
         ("client_latency", "client-py/bench/client_latency.py"),
         ("rotation", "bench/rotation.py"),
         ("container", "bench/container.py"),
+        ("openbao_ha", "bench/openbao_ha.py"),
     ]:
         part = r.get(key, {})
         if "missing" in part:
@@ -569,7 +604,12 @@ def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
         elif part:
             extra.append(f"### {title}\n\n```\n{part.get('stdout', '').rstrip()}\n```\n")
     raw = json.dumps(
-        {k: v for k, v in r.items() if k not in ("shim", "client_latency", "rotation", "container")}, indent=2
+        {
+            k: v
+            for k, v in r.items()
+            if k not in ("shim", "client_latency", "rotation", "container", "openbao_ha")
+        },
+        indent=2,
     )
     path.write_text(
         "# secretd benchmark results\n\n"
@@ -649,10 +689,13 @@ def main() -> int:
         r["rotation"] = run_optional(HERE / "rotation.py", [])
         print("bench: container.py (docker run) …", file=sys.stderr)
         r["container"] = run_optional(HERE / "container.py", [])
+        print("bench: openbao_ha.py (3-node cluster failover, cycle cost) …", file=sys.stderr)
+        ha_args = ["--baseline", args.baseline] if args.baseline else []
+        r["openbao_ha"] = run_optional(HERE / "openbao_ha.py", ha_args, timeout=2400)
 
     text = render(table(r))
     print(text)
-    for key in ("shim", "client_latency", "rotation", "container"):
+    for key in ("shim", "client_latency", "rotation", "container", "openbao_ha"):
         part = r.get(key, {})
         if "missing" in part:
             print(f"\n({part['missing']} not present: skipped)")

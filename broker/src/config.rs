@@ -160,7 +160,9 @@ pub struct FileSource {
 pub struct OpenBaoSource {
     /// The section as written, `"openbao"` or `"vault"` (for messages).
     pub section: &'static str,
-    pub address: OpenBaoAddress,
+    /// The nodes of the cluster, in the order given (`address` is a string or a list); one is
+    /// used at a time.
+    pub addresses: Vec<OpenBaoAddress>,
     /// PEM file of the CA certificate(s) that sign the server's certificate; nothing else is
     /// trusted.
     pub ca_file: PathBuf,
@@ -444,7 +446,11 @@ impl Config {
                 out,
                 "{} source: {} (ca_file {}), KV v2 mount {:?}, {} secrets, refresh {}, {}, auth {auth}",
                 o.section,
-                o.address.url,
+                o.addresses
+                    .iter()
+                    .map(|a| a.url.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 o.ca_file.display(),
                 o.mount,
                 o.secrets.len(),
@@ -535,13 +541,21 @@ struct RawSources {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawOpenBao {
-    address: Spanned<String>,
+    address: Spanned<RawAddresses>,
     ca_file: Spanned<String>,
     mount: Option<Spanned<String>>,
     refresh: Option<Spanned<String>>,
     required: Option<bool>,
     auth: Spanned<RawOpenBaoAuth>,
     secrets: Spanned<std::collections::BTreeMap<String, Spanned<String>>>,
+}
+
+/// `address = "https://…"` or `address = ["https://…", …]`.
+#[derive(Deserialize)]
+#[serde(untagged, expecting = "a string or a list of strings")]
+enum RawAddresses {
+    One(String),
+    Many(Vec<String>),
 }
 
 #[derive(Deserialize)]
@@ -781,8 +795,38 @@ impl RawOpenBao {
     fn validate(self, doc: &Doc<'_>, section: &'static str) -> Result<OpenBaoSource, ConfigError> {
         let at = format!("in [sources.{section}]");
         let at = at.as_str();
-        let address = openbao_address(self.address.get_ref())
-            .map_err(|m| doc.err(&self.address, "address", at, m))?;
+        let written = match self.address.get_ref() {
+            RawAddresses::One(a) => vec![a.clone()],
+            RawAddresses::Many(list) => list.clone(),
+        };
+        if written.is_empty() {
+            return Err(doc.err(
+                &self.address,
+                "address",
+                at,
+                "is empty: give at least one node",
+            ));
+        }
+        let mut addresses: Vec<OpenBaoAddress> = Vec::with_capacity(written.len());
+        for a in &written {
+            let parsed = openbao_address(a).map_err(|m| {
+                let m = if written.len() > 1 {
+                    format!("{a:?}: {m}")
+                } else {
+                    m
+                };
+                doc.err(&self.address, "address", at, m)
+            })?;
+            if addresses.iter().any(|seen| seen.url == parsed.url) {
+                return Err(doc.err(
+                    &self.address,
+                    "address",
+                    at,
+                    format!("{a:?} is listed twice"),
+                ));
+            }
+            addresses.push(parsed);
+        }
         let ca_file = absolute_path(self.ca_file.get_ref())
             .and_then(|p| check_ca_file(&p).map(|()| p))
             .map_err(|m| doc.err(&self.ca_file, "ca_file", at, m))?;
@@ -851,7 +895,7 @@ impl RawOpenBao {
         }
         Ok(OpenBaoSource {
             section,
-            address,
+            addresses,
             ca_file,
             mount,
             refresh,
@@ -926,37 +970,51 @@ impl RawOpenBaoAuth {
     }
 }
 
-/// `https://HOST[:PORT][/]`. Plain `http://` is refused: verification is always on.
+/// `https://HOST[:PORT][/]`, parsed by `http::Uri`. Plain `http://` is refused: verification
+/// is always on. Anything after the authority but a single `/` is refused too.
 fn openbao_address(s: &str) -> Result<OpenBaoAddress, String> {
-    let Some(rest) = s.strip_prefix("https://") else {
+    const SHAPE: &str = "expected https://HOST or https://HOST:PORT, with no path";
+    if !s.starts_with("https://") {
         return Err(
             "must start with https:// (TLS with certificate verification is always on)".to_owned(),
         );
-    };
-    let authority = rest.strip_suffix('/').unwrap_or(rest);
-    if authority.is_empty() || authority.contains(['/', '?', '#', '@']) {
-        return Err("expected https://HOST or https://HOST:PORT, with no path".to_owned());
     }
-    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-        let (host, after) = v6
-            .split_once(']')
-            .ok_or("unclosed `[` in an IPv6 address".to_owned())?;
-        (host, after.strip_prefix(':'))
-    } else {
-        match authority.rsplit_once(':') {
-            Some((h, p)) => (h, Some(p)),
-            None => (authority, None),
+    let uri: http::Uri = s.parse().map_err(|e| format!("{SHAPE} ({e})"))?;
+    let authority = uri.authority().ok_or(SHAPE)?;
+    if uri.query().is_some() || !matches!(uri.path(), "" | "/") || s.contains('#') {
+        return Err(SHAPE.to_owned());
+    }
+    if authority.as_str().contains('@') {
+        return Err("must not hold a user name or password".to_owned());
+    }
+    // `http::Uri` takes `[::1]junk` as an authority with host `[::1]` and no port: insist that
+    // the authority is exactly HOST or HOST:PORT.
+    let rebuilt = match authority.port() {
+        Some(p) => format!("{}:{}", authority.host(), p.as_str()),
+        None => authority.host().to_owned(),
+    };
+    if rebuilt != authority.as_str() && format!("{rebuilt}:") != authority.as_str() {
+        return Err(SHAPE.to_owned());
+    }
+    let host = authority.host();
+    let host = match host.strip_prefix('[') {
+        Some(v6) => {
+            let v6 = v6.strip_suffix(']').ok_or(SHAPE)?;
+            v6.parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("{v6:?} is not an IPv6 address"))?;
+            v6
         }
+        None => host,
     };
     if host.is_empty() {
         return Err("no host name".to_owned());
     }
-    let port = match port {
-        Some(p) => p
-            .parse::<u16>()
-            .ok()
-            .filter(|p| *p != 0)
-            .ok_or(format!("invalid port {p:?}"))?,
+    rustls_pki_types::ServerName::try_from(host)
+        .map_err(|_| format!("{host:?} is not a valid host name or IP address"))?;
+    let port = match authority.port() {
+        Some(p) if p.as_u16() != 0 => p.as_u16(),
+        Some(p) => return Err(format!("invalid port {:?}", p.as_str())),
+        None if authority.as_str().ends_with(':') => return Err("invalid port \"\"".to_owned()),
         None => 443,
     };
     Ok(OpenBaoAddress {
@@ -1608,7 +1666,7 @@ SHARED_CACHE = "shared/cache#url"
             let o = c.openbao.as_ref().unwrap();
             assert_eq!(o.section, section);
             assert_eq!(
-                o.address,
+                o.addresses[0],
                 OpenBaoAddress {
                     url: "https://bao.internal:8200".into(),
                     host: "bao.internal".into(),
@@ -1660,6 +1718,112 @@ SHARED_CACHE = "shared/cache#url"
             format!(
                 "{PATH}:16:1: give [sources.openbao] or [sources.vault] (the same source), not both"
             )
+        );
+    }
+
+    #[test]
+    fn openbao_addresses_are_parsed_by_http_uri() {
+        let ok = |s: &str| openbao_address(s).map(|a| (a.url, a.host, a.port));
+        assert_eq!(
+            ok("https://bao.internal"),
+            Ok(("https://bao.internal".into(), "bao.internal".into(), 443))
+        );
+        assert_eq!(
+            ok("https://bao.internal:8200/"),
+            Ok((
+                "https://bao.internal:8200".into(),
+                "bao.internal".into(),
+                8200
+            ))
+        );
+        assert_eq!(
+            ok("https://[::1]:8200"),
+            Ok(("https://[::1]:8200".into(), "::1".into(), 8200))
+        );
+        assert_eq!(
+            ok("https://[::1]"),
+            Ok(("https://[::1]".into(), "::1".into(), 443))
+        );
+        // The hand-written parser took `https://[::1]junk` for [::1] port 443.
+        for bad in [
+            "https://[::1]junk",
+            "https://[::1",
+            "https://[zz]:8200",
+            "https://bao:0",
+            "https://bao:99999",
+            "https://bao:port",
+            "https://bao:",
+            "https://bao_x!:8200",
+            "https://bao/v1",
+            "https://bao?x=1",
+            "https://bao#frag",
+            "https://user:pw@bao",
+            "https://",
+            "http://bao",
+            "bao:8200",
+        ] {
+            assert!(ok(bad).is_err(), "accepted {bad:?}: {:?}", ok(bad));
+        }
+    }
+
+    #[test]
+    fn openbao_address_is_a_string_or_a_list() {
+        let (_dir, ca, cred) = openbao_files();
+        let good = openbao_text(&ca, &cred, "openbao");
+        let list = good.replace(
+            "address = \"https://bao.internal:8200\"",
+            "address = [\"https://bao-1:8200\", \"https://bao-2:8200\", \"https://[::1]:8201\"]",
+        );
+        let c = parse(&list).unwrap();
+        let urls: Vec<&str> = c
+            .openbao
+            .as_ref()
+            .unwrap()
+            .addresses
+            .iter()
+            .map(|a| a.url.as_str())
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "https://bao-1:8200",
+                "https://bao-2:8200",
+                "https://[::1]:8201"
+            ]
+        );
+        assert!(c.summary().contains(
+            "openbao source: https://bao-1:8200, https://bao-2:8200, https://[::1]:8201 (ca_file"
+        ));
+        for (text, want) in [
+            (
+                good.replace("address = \"https://bao.internal:8200\"", "address = []"),
+                "2:11: `address` in [sources.openbao]: is empty: give at least one node",
+            ),
+            (
+                good.replace(
+                    "address = \"https://bao.internal:8200\"",
+                    "address = [\"https://a:1\", \"http://b:2\"]",
+                ),
+                "2:11: `address` in [sources.openbao]: \"http://b:2\": must start with https:// (TLS with certificate verification is always on)",
+            ),
+            (
+                good.replace(
+                    "address = \"https://bao.internal:8200\"",
+                    "address = [\"https://a:1\", \"https://a:1/\"]",
+                ),
+                "2:11: `address` in [sources.openbao]: \"https://a:1/\" is listed twice",
+            ),
+        ] {
+            assert_eq!(
+                parse(&text).unwrap_err().to_string(),
+                format!("{PATH}:{want}")
+            );
+        }
+        let bad_type = good.replace("address = \"https://bao.internal:8200\"", "address = 8200");
+        let e = parse(&bad_type).unwrap_err().to_string();
+        assert!(
+            e.contains("address") && e.contains("a string or a list of strings"),
+            "{e}"
         );
     }
 

@@ -27,6 +27,7 @@ pub mod state;
 pub mod store;
 pub mod supervise;
 pub mod sys;
+pub mod upstream;
 
 /// The broker binary installs [`alloc::ZeroizingAlloc`] as its global allocator (`main.rs`);
 /// the library's own unit tests run under it too. Other users of the library (the benchmark)

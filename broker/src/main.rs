@@ -234,7 +234,12 @@ fn serve(
                     .with_context(|| {
                         format!(
                             "[sources.{}] start-up fetch from {} failed (required = true)",
-                            cfg.section, cfg.address.url
+                            cfg.section,
+                            cfg.addresses
+                                .iter()
+                                .map(|a| a.url.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         )
                     })?;
             let first = if fetched.failures.is_empty() {
@@ -286,8 +291,9 @@ fn serve(
         if let Some(first) = openbao_first {
             broker.note_source(openbao::SOURCE, first);
         }
-        let handle = openbao::Worker::new(openbao_client, openbao_ok).spawn(Arc::clone(&broker));
-        broker.set_openbao(handle);
+        let (control, inbox) = secretd::upstream::channel(broker.config());
+        openbao::Refresher::new(openbao_client, openbao_ok).spawn(Arc::clone(&broker) as _, inbox);
+        broker.set_upstream(control);
         filewatch::spawn(Arc::clone(&broker));
         spawn_reload_on_sighup(Arc::clone(&broker))?;
         spawn_denial_summaries(Arc::clone(&broker));
@@ -562,6 +568,8 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "last_error": (!src.last_error.is_empty()).then_some(&src.last_error),
             "last_error_time": (!src.last_error_time.is_empty()).then_some(&src.last_error_time),
             "errors": src.errors,
+            "node": (!src.node.is_empty()).then_some(&src.node),
+            "failovers": (!src.node.is_empty()).then_some(src.failovers),
         })).collect::<Vec<_>>(),
     })
 }
@@ -620,6 +628,9 @@ fn print_status(s: &pb::StatusResponse) {
             "source {:<6} {} secrets, last success {ok}",
             src.name, src.secrets
         );
+        if !src.node.is_empty() {
+            print!(", node {} ({} failovers)", src.node, src.failovers);
+        }
         if !src.last_error.is_empty() {
             print!(
                 ", {} errors, last: {} ({})",

@@ -596,6 +596,12 @@ impl Admin for AdminService {
                     .map(|(t, _)| rfc3339(*t))
                     .unwrap_or_default(),
                 errors: h.errors,
+                node: h
+                    .node
+                    .as_ref()
+                    .map(|n| n.address.clone())
+                    .unwrap_or_default(),
+                failovers: h.node.as_ref().map_or(0, |n| n.failovers),
             });
         }
         use std::sync::atomic::Ordering::Relaxed;

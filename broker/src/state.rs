@@ -17,13 +17,13 @@ use crate::{
     audit::{AuditLog, ReopenError},
     config::{Config, ConfigError},
     name::SecretName,
-    openbao,
     peer::{Cached, Peer},
     policy::{Caller, Grant},
     procfs::ProcFs,
     registry::Registry,
     sources::{self, Secrets, SourceError},
     store::{Event, Origin, Store},
+    upstream::{self, NodeInUse, SecretSink, Update},
 };
 
 /// Counters for Status.
@@ -41,6 +41,8 @@ pub struct SourceHealth {
     pub last_success: Option<SystemTime>,
     pub last_error: Option<(SystemTime, String)>,
     pub errors: u64,
+    /// For a cluster source: the node in use and the failovers so far.
+    pub node: Option<NodeInUse>,
 }
 
 /// Where the config came from and how to read it again.
@@ -69,8 +71,9 @@ pub struct Broker {
     pub started: Instant,
     sources: Mutex<BTreeMap<&'static str, SourceHealth>>,
     reload_lock: tokio::sync::Mutex<()>,
-    /// The `[sources.openbao]` worker, once started (see [`Broker::set_openbao`]).
-    openbao: OnceLock<openbao::Handle>,
+    /// The background source (`[sources.openbao]`), once started (see
+    /// [`Broker::set_upstream`]): `refresh` and `reload` reach it through this link.
+    upstream: OnceLock<upstream::Control>,
 }
 
 /// A verified caller, with the config snapshot its grant was computed against.
@@ -130,13 +133,13 @@ impl Broker {
             started: Instant::now(),
             sources: Mutex::new(BTreeMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
-            openbao: OnceLock::new(),
+            upstream: OnceLock::new(),
         }
     }
 
-    /// Attach the running OpenBao worker: `refresh` and `reload` reach it through this handle.
-    pub fn set_openbao(&self, handle: openbao::Handle) {
-        let _ = self.openbao.set(handle);
+    /// Attach the link to the running background source.
+    pub fn set_upstream(&self, control: upstream::Control) {
+        let _ = self.upstream.set(control);
     }
 
     /// The sources Status lists: env, files and admin always; openbao when configured or when
@@ -238,8 +241,8 @@ impl Broker {
         *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&config);
         self.policy_gen.fetch_add(1, Ordering::AcqRel);
         self.store.announce(Event::PolicyReloaded);
-        if let Some(h) = self.openbao.get() {
-            h.reconfigure();
+        if let Some(u) = self.upstream.get() {
+            u.reconfigure(Arc::clone(&config));
         }
         tracing::info!(
             scopes = config.policy.scopes().len(),
@@ -279,7 +282,7 @@ impl Broker {
     /// Re-read sources now (Admin.Refresh): the file directories and the OpenBao source, or
     /// only the source that provides `name`. Returns how many secrets were read.
     pub async fn refresh(&self, name: Option<&SecretName>) -> Result<u64, SourceError> {
-        let openbao = self.openbao.get();
+        let openbao = self.upstream.get();
         let config = self.config();
         if let Some(name) = name {
             if let (Some(h), Some(o)) = (openbao, &config.openbao)
@@ -327,6 +330,11 @@ impl Broker {
         }
     }
 
+    fn note_node_in_use(&self, source: &'static str, node: NodeInUse) {
+        let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        sources.entry(source).or_default().node = Some(node);
+    }
+
     pub fn source_health(&self) -> BTreeMap<&'static str, SourceHealth> {
         self.sources
             .lock()
@@ -338,6 +346,30 @@ impl Broker {
     pub fn zeroize(&self) {
         self.store.announce(Event::ShuttingDown);
         self.store.clear();
+    }
+}
+
+/// Background sources publish here: the store gets the values, Status the health.
+impl SecretSink for Broker {
+    fn publish(&self, origin: Origin, update: Update) {
+        if let Some(provides) = &update.provides {
+            for name in self.store.names_of(origin) {
+                if !provides.contains(&name) {
+                    self.store.delete(&name);
+                }
+            }
+        }
+        for (name, value) in update.values {
+            self.store.put(name, value, origin);
+        }
+    }
+
+    fn note(&self, source: &'static str, result: Result<(), String>) {
+        self.note_source(source, result);
+    }
+
+    fn note_node(&self, source: &'static str, node: NodeInUse) {
+        self.note_node_in_use(source, node);
     }
 }
 

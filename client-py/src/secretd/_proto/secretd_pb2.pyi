@@ -105,20 +105,24 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SourceStatus(_message.Message):
-    __slots__ = ("name", "secrets", "last_success", "last_error", "last_error_time", "errors")
+    __slots__ = ("name", "secrets", "last_success", "last_error", "last_error_time", "errors", "node", "failovers")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SECRETS_FIELD_NUMBER: _ClassVar[int]
     LAST_SUCCESS_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_TIME_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    FAILOVERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     secrets: int
     last_success: str
     last_error: str
     last_error_time: str
     errors: int
-    def __init__(self, name: _Optional[str] = ..., secrets: _Optional[int] = ..., last_success: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_time: _Optional[str] = ..., errors: _Optional[int] = ...) -> None: ...
+    node: str
+    failovers: int
+    def __init__(self, name: _Optional[str] = ..., secrets: _Optional[int] = ..., last_success: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_time: _Optional[str] = ..., errors: _Optional[int] = ..., node: _Optional[str] = ..., failovers: _Optional[int] = ...) -> None: ...
 
 class AuditStatus(_message.Message):
     __slots__ = ("target", "on_failure", "max_queue", "queue_depth", "queue_peak", "records_written", "records_dropped", "calls_refused", "write_failures", "queue_full", "state", "last_error", "last_error_time", "reopens")
