@@ -44,7 +44,7 @@ use crate::{
     config::{OpenBaoAuth, OpenBaoMapping, OpenBaoSource},
     name::SecretName,
     state::Broker,
-    store::{Origin, secret},
+    store::{Change, Origin, secret},
 };
 
 /// Bound on each HTTP exchange (connect, handshake, one request): a hung server must not stall
@@ -988,16 +988,24 @@ impl Worker {
         match client.fetch(only).await {
             Ok(fetched) => {
                 let n = fetched.values.len() as u64;
-                for (name, value) in fetched.values {
-                    broker.store.put(name, value, Origin::OpenBao);
-                }
+                // One cycle = one change of the store (contract §7): readers see all of it or
+                // none of it.
+                let mut batch: Vec<Change> = fetched
+                    .values
+                    .into_iter()
+                    .map(|(name, value)| Change::Put(name, value))
+                    .collect();
                 if only.is_none() {
-                    for name in broker.store.names_of(Origin::OpenBao) {
-                        if !client.cfg.maps(&name) {
-                            broker.store.delete(&name);
-                        }
-                    }
+                    batch.extend(
+                        broker
+                            .store
+                            .names_of(Origin::OpenBao)
+                            .into_iter()
+                            .filter(|name| !client.cfg.maps(name))
+                            .map(Change::Delete),
+                    );
                 }
+                broker.store.apply(Origin::OpenBao, batch);
                 if fetched.failures.is_empty() {
                     broker.note_source(SOURCE, Ok(()));
                     if only.is_none() {
