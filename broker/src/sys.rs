@@ -68,3 +68,13 @@ mod tests {
         assert!(inherited_fd(987_654).is_err());
     }
 }
+
+/// Register a pidfd with the async runtime's epoll, readable once its process has exited.
+/// Must be called inside a tokio runtime.
+pub fn async_pidfd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the `AsyncFd` takes ownership of the `OwnedFd`, so the descriptor stays open and
+    // refers to the same pidfd for the whole life of the registration, and `OwnedFd::as_raw_fd`
+    // always returns that same number.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
+}
