@@ -81,11 +81,15 @@ unsafe impl GlobalAlloc for ZeroizingAlloc {
 /// flood ends unless free pages are returned; `server` calls this once connections have closed
 /// in numbers. Costs a walk over the arenas (a few milliseconds at most): call it rarely and
 /// off the async threads. The freed pages were cleared on free, so nothing secret is released.
+/// Locked memory (`scrub`'s `mlockall`) is unlocked around the trim: locked pages cannot be
+/// released.
 pub fn release_free_memory() {
-    // SAFETY: malloc_trim takes no pointers and is safe to call from any thread at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    crate::scrub::with_memory_unlocked(|| {
+        // SAFETY: malloc_trim takes no pointers and is safe to call from any thread at any time.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    });
 }
 
 #[cfg(test)]

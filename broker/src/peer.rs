@@ -202,7 +202,7 @@ impl Peer {
         let Some(fd) = self.pidfd.as_ref().and_then(|fd| fd.try_clone().ok()) else {
             return;
         };
-        match crate::sys::async_pidfd(fd) {
+        match crate::sys::watch_readable(fd) {
             Ok(fd) => {
                 let _ = fd.readable().await;
             }

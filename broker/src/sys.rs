@@ -40,6 +40,15 @@ pub fn inherited_fd(fd: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `munlockall(2)`.
+pub fn munlockall() -> io::Result<()> {
+    // SAFETY: munlockall takes no arguments; it only changes the paging of our own mappings.
+    if unsafe { libc::munlockall() } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `mlockall(2)` with the given `MCL_*` flags.
 pub fn mlockall(flags: i32) -> io::Result<()> {
     // SAFETY: mlockall takes no pointers; it only changes the paging of our own mappings.
@@ -69,12 +78,3 @@ mod tests {
     }
 }
 
-/// Register a pidfd with the async runtime's epoll, readable once its process has exited.
-/// Must be called inside a tokio runtime.
-pub fn async_pidfd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    // SAFETY: the `AsyncFd` takes ownership of the `OwnedFd`, so the descriptor stays open and
-    // refers to the same pidfd for the whole life of the registration, and `OwnedFd::as_raw_fd`
-    // always returns that same number.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(io::Error::from)
-}
