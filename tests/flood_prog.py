@@ -78,7 +78,9 @@ def main() -> None:
                 counts = by_kind.setdefault(conn.kind, {"open": 0, "closed": 0})
                 counts["closed" if conn.poll() else "open"] += 1
             closed = sum(1 for c in conns if c.closed)
-            emit({"op": "status", "closed": closed, "open": len(conns) - closed, "by_kind": by_kind})
+            emit(
+                {"op": "status", "closed": closed, "open": len(conns) - closed, "by_kind": by_kind}
+            )
         elif op == "exit":
             return
 

@@ -183,7 +183,13 @@ def flooder(
     stderr = broker.sandbox.root / f"flood-{uid}.stderr"
     with open(stderr, "wb") as err:
         proc = processes.start(
-            [str(staged.python), "-s", "-E", str(staged.program("flood_prog.py")), str(broker.socket)],
+            [
+                str(staged.python),
+                "-s",
+                "-E",
+                str(staged.program("flood_prog.py")),
+                str(broker.socket),
+            ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=err,
@@ -305,4 +311,3 @@ def test_the_share_is_per_uid_not_per_process(
         "a second process of the same uid to get nothing beyond the uid's share",
     )
     assert first.status()["closed"] == 0
-

@@ -346,10 +346,7 @@ impl Secrets for SecretsService {
                     // A reload, or missed events (one of which may have been a reload): the
                     // scope is re-checked before anything else happens on this stream.
                     Ok(Event::PolicyReloaded) | Err(RecvError::Lagged(_)) => {
-                        match still_allowed(&broker, &opener, &watched) {
-                            Ok(()) => None,
-                            Err(status) => Some(status),
-                        }
+                        still_allowed(&broker, &opener, &watched).err()
                     }
                     Ok(Event::ShuttingDown) | Err(RecvError::Closed) => {
                         Some(Status::unavailable("broker is shutting down"))

@@ -77,4 +77,3 @@ mod tests {
         assert!(inherited_fd(987_654).is_err());
     }
 }
-
