@@ -6,8 +6,10 @@
 What runs (issue #6), each comparison interleaved in the same run:
   secretd-bench suite      Rust GetSecret vs the tonic echo floor (1), throughput at 1/8/32/128
                            connections (3), scaling with secrets and scopes (4), start-up to
-                           READY (5), broker RSS (6), what the audit log costs (issue 16:
-                           p50 with the audit log to a file vs to nowhere, bytes per call)
+                           READY (5), broker RSS (6) and after a flood ends, a second uid's
+                           latency while uid 65534 holds its share of connections (flood),
+                           what the audit log costs (issue 16: p50 with the audit log to a
+                           file vs to nowhere, bytes per call)
   bench/py_latency.py      Python secretd.get vs grpc health Check vs a /dev/shm file (2) vs
                            OpenBao KV v2 as deployed: HTTPS + an AppRole token (8)
   bench/shim_overhead.py   secretd-shim exec overhead over `env -i` (7)
@@ -457,6 +459,33 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 "",
             )
         )
+        settled = s.get("three_seconds_after")
+        if settled:
+            ratio = settled["VmRSS"] / rest["VmRSS"]
+            rows.append(
+                (
+                    "  RSS 3 s after they close vs at rest (issue 11)",
+                    "<= 1.5x",
+                    f"{settled['VmRSS'] / 1024:.1f} MiB ({ratio:.2f}x)",
+                    verdict(ratio <= 1.5),
+                )
+            )
+    if "flood" in rust:
+        f = rust["flood"]
+        quiet = [f[k] for k in f if k.startswith("quiet_")]
+        flooded = [f[k] for k in f if k.startswith("flooded_")]
+        if quiet and flooded:
+            for pct in ("p50_us", "p99_us"):
+                q = min(x[pct] for x in quiet)
+                fl = max(x[pct] for x in flooded)
+                rows.append(
+                    (
+                        f"11 GetSecret {pct[:3]} while uid 65534 holds its share vs no flood",
+                        "<= 1.5x",
+                        f"{fl:.0f} vs {q:.0f} us ({fl / q:.2f}x, worst flooded vs best quiet)",
+                        verdict(fl / q <= 1.5),
+                    )
+                )
     if "audit" in rust:
         a = rust["audit"]
         how = "pinned" if a.get("pinned") else "unpinned"

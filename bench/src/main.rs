@@ -9,7 +9,9 @@
 //! `echo` is the transport floor (see `echo.rs`). `suite` starts real brokers and echo floors
 //! and measures, always interleaving what is compared: latency against the floor (item 1),
 //! throughput at 1/8/32/128 connections (3), scaling with secrets and scopes (4), start-up to
-//! READY (5) and resident memory (6). Benchmarks, not tests: nothing here judges a number.
+//! READY (5), resident memory (6, and RSS once a flood of connections has ended) and a second
+//! uid's latency while one uid holds its whole share of idle and half-handshake connections
+//! (`flood`, issue 11). Benchmarks, not tests: nothing here judges a number.
 
 mod alloc;
 mod echo;
@@ -63,6 +65,17 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         clients: usize,
     },
+    /// Hold connections open and do nothing with them (the flood of `suite --only flood`, run
+    /// as another uid): `idle` send nothing, `preface` send only the HTTP/2 client preface.
+    /// Prints `HELD` once they are open; exits when stdin closes.
+    Hold {
+        #[arg(long)]
+        socket: PathBuf,
+        #[arg(long)]
+        idle: usize,
+        #[arg(long)]
+        preface: usize,
+    },
     /// Run the Rust-side measurements and write them as JSON.
     Suite {
         /// The `secretd` binary under test.
@@ -85,7 +98,7 @@ enum Cmd {
         /// a round trip by tens of microseconds; pinning makes that the same for every server.
         #[arg(long)]
         pin: bool,
-        /// Only these items (comma-separated: latency,throughput,scaling,startup,memory,audit).
+        /// Only these items (comma-separated: latency,throughput,scaling,startup,memory,flood,audit).
         #[arg(long, value_delimiter = ',')]
         only: Vec<String>,
     },
@@ -126,6 +139,29 @@ fn main() -> anyhow::Result<()> {
             println!("{rate:.0} calls/s");
             Ok(())
         }
+        Cmd::Hold {
+            socket,
+            idle,
+            preface,
+        } => {
+            use std::io::{BufRead, Write};
+            let mut held = Vec::with_capacity(idle + preface);
+            for i in 0..idle + preface {
+                let Ok(mut c) = std::os::unix::net::UnixStream::connect(&socket) else {
+                    continue;
+                };
+                if i >= idle {
+                    // Refused (over the share) connections may already be closed: ignore.
+                    let _ = c.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+                }
+                held.push(c);
+            }
+            println!("HELD {}", held.len());
+            std::io::stdout().flush()?;
+            let _ = std::io::stdin().lock().lines().count();
+            drop(held);
+            Ok(())
+        }
         Cmd::Suite {
             secretd,
             out,
@@ -162,6 +198,7 @@ fn main() -> anyhow::Result<()> {
                 ("startup", Suite::startup),
                 ("memory", Suite::memory),
                 ("audit", |s: &Suite| s.audit(s.pin.is_some())),
+                ("flood", Suite::flood),
             ] {
                 let base = item.trim_end_matches("_pinned");
                 if !want(base) || (item != base && !pinned) {
@@ -505,13 +542,16 @@ impl Suite {
             ("echo_clearing_alloc", &echo_clearing),
         ] {
             let rest = snapshot(server)?;
-            let (idle, after) = runtime.block_on(async {
+            let (idle, after, settled) = runtime.block_on(async {
                 let clients = connect_many(&server.socket, conns).await?;
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let idle = snapshot(server)?;
                 drop(clients);
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                anyhow::Ok((idle, snapshot(server)?))
+                let after = snapshot(server)?;
+                // The broker trims its heap once a second after connections close in numbers.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                anyhow::Ok((idle, after, snapshot(server)?))
             })?;
             out.insert(
                 label.to_owned(),
@@ -519,6 +559,7 @@ impl Suite {
                     "at_rest": rest,
                     "with_idle_connections": idle,
                     "after_they_close": after,
+                    "three_seconds_after": settled,
                     "per_connection_kib":
                         idle["VmRSS"].as_u64().unwrap_or(0).saturating_sub(
                             rest["VmRSS"].as_u64().unwrap_or(0)) as f64 / conns as f64,
@@ -530,6 +571,77 @@ impl Suite {
         echo_clearing.stop();
         out.insert("secrets".to_owned(), json!(10_000));
         out.insert("idle_connections".to_owned(), json!(conns));
+        Ok(Value::Object(out))
+    }
+}
+
+impl Suite {
+    /// Issue 11: a second uid's `GetSecret` latency while uid 65534 holds its whole share of
+    /// idle and half-handshake connections (plus more, which the broker closes), against the
+    /// same client with no flood: quiet, flooded, quiet, flooded, each `calls` timed calls.
+    fn flood(&self) -> anyhow::Result<Value> {
+        use std::{
+            io::{BufRead, BufReader},
+            os::unix::{fs::PermissionsExt, process::CommandExt},
+            process::{Command, Stdio},
+        };
+        const FLOODER: u32 = 65_534;
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(json!({"skipped": "needs root (the flood runs as uid 65534)"}));
+        }
+        let per_uid = 64;
+        let (dir, broker) = self.broker(SMALL)?;
+        // The flooder must reach the socket and run a copy of this binary.
+        std::fs::set_permissions(dir.dir.path(), std::fs::Permissions::from_mode(0o755))?;
+        let exe = dir.dir.path().join("secretd-bench");
+        std::fs::copy(std::env::current_exe()?, &exe)?;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755))?;
+        let runtime = current_thread()?;
+        let mut client = runtime.block_on(connect(&broker.socket))?;
+        let mut phases = Vec::new();
+        for round in 0..2 {
+            for flooded in [false, true] {
+                let holder = if flooded {
+                    let mut child = Command::new(&exe)
+                        .args(["hold", "--socket"])
+                        .arg(&broker.socket)
+                        .args(["--idle", &(per_uid / 2).to_string()])
+                        .args(["--preface", &(per_uid / 2 + 16).to_string()])
+                        .uid(FLOODER)
+                        .gid(FLOODER)
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .spawn()?;
+                    let mut line = String::new();
+                    BufReader::new(child.stdout.take().context("holder stdout")?)
+                        .read_line(&mut line)?;
+                    anyhow::ensure!(line.starts_with("HELD"), "flooder said {line:?}");
+                    std::thread::sleep(Duration::from_millis(300));
+                    Some(child)
+                } else {
+                    None
+                };
+                let label = if flooded { "flooded" } else { "quiet" };
+                let mut targets = vec![(label.to_owned(), client)];
+                let stats = runtime.block_on(latency(&mut targets, self.calls, 1))?;
+                client = targets.pop().context("client")?.1;
+                phases.push((format!("{label}_{round}"), stats[0].1));
+                if let Some(mut child) = holder {
+                    drop(child.stdin.take());
+                    let _ = child.wait();
+                }
+            }
+        }
+        broker.stop();
+        let mut out = match stats_json(&phases) {
+            Value::Object(m) => m,
+            _ => serde_json::Map::new(),
+        };
+        out.insert("flooder_uid".to_owned(), json!(FLOODER));
+        out.insert(
+            "flood".to_owned(),
+            json!({"idle": per_uid / 2, "preface": per_uid / 2 + 16, "share": per_uid}),
+        );
         Ok(Value::Object(out))
     }
 }

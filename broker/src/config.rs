@@ -17,6 +17,9 @@
 //! ```toml
 //! [limits]
 //! max_connections = 1024            # open connections; one beyond this is closed at once
+//! max_connections_per_uid = 64      # open connections per peer uid (admin uids exempt)
+//! handshake_timeout = "10s"         # HTTP/2 preface + SETTINGS must arrive within this
+//! idle_timeout = "0s"               # close connections with no open stream after this; 0 = never
 //! max_streams_per_connection = 32   # concurrent calls per connection (HTTP/2 streams)
 //! max_request_bytes = 65536         # largest decoded request message
 //! max_names_per_request = 256       # names in one GetSecrets call
@@ -237,6 +240,12 @@ impl OpenBaoSource {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_connections: usize,
+    /// Open connections per peer uid; admin uids are exempt (see `admission`).
+    pub max_connections_per_uid: usize,
+    /// Time a new connection has to send the HTTP/2 preface and its SETTINGS frame.
+    pub handshake_timeout: Duration,
+    /// Close a connection with no open stream after this long; zero = never.
+    pub idle_timeout: Duration,
     pub max_streams_per_connection: u32,
     pub max_request_bytes: usize,
     pub max_names_per_request: usize,
@@ -247,6 +256,9 @@ impl Default for Limits {
     fn default() -> Limits {
         Limits {
             max_connections: 1024,
+            max_connections_per_uid: 64,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::ZERO,
             max_streams_per_connection: 32,
             max_request_bytes: 65536,
             max_names_per_request: 256,
@@ -476,9 +488,17 @@ impl Config {
         let l = &self.limits;
         let _ = writeln!(
             out,
-            "limits: max_connections={} max_streams_per_connection={} max_request_bytes={} \
+            "limits: max_connections={} max_connections_per_uid={} handshake_timeout={} \
+             idle_timeout={} max_streams_per_connection={} max_request_bytes={} \
              max_names_per_request={} shutdown_grace={}",
             l.max_connections,
+            l.max_connections_per_uid,
+            humantime::format_duration(l.handshake_timeout),
+            if l.idle_timeout.is_zero() {
+                "0s (never)".to_owned()
+            } else {
+                humantime::format_duration(l.idle_timeout).to_string()
+            },
             l.max_streams_per_connection,
             l.max_request_bytes,
             l.max_names_per_request,
@@ -598,6 +618,9 @@ struct RawScope {
 #[serde(deny_unknown_fields)]
 struct RawLimits {
     max_connections: Option<Spanned<usize>>,
+    max_connections_per_uid: Option<Spanned<usize>>,
+    handshake_timeout: Option<Spanned<String>>,
+    idle_timeout: Option<Spanned<String>>,
     max_streams_per_connection: Option<Spanned<u32>>,
     max_request_bytes: Option<Spanned<usize>>,
     max_names_per_request: Option<Spanned<usize>>,
@@ -705,6 +728,24 @@ impl RawConfig {
             if let Some(v) = limits.max_connections {
                 l.max_connections = at_least_one(doc, v, "max_connections", at)?;
             }
+            if let Some(v) = limits.max_connections_per_uid {
+                l.max_connections_per_uid = at_least_one(doc, v, "max_connections_per_uid", at)?;
+            }
+            if let Some(v) = limits.handshake_timeout {
+                l.handshake_timeout = duration(doc, &v, "handshake_timeout", at)?;
+                if l.handshake_timeout.is_zero() {
+                    return Err(doc.err(
+                        &v,
+                        "handshake_timeout",
+                        at,
+                        "must be more than 0s (a connection that never completes its handshake \
+                         would be held forever)",
+                    ));
+                }
+            }
+            if let Some(v) = limits.idle_timeout {
+                l.idle_timeout = duration(doc, &v, "idle_timeout", at)?;
+            }
             if let Some(v) = limits.max_streams_per_connection {
                 l.max_streams_per_connection =
                     at_least_one(doc, v, "max_streams_per_connection", at)?;
@@ -716,14 +757,7 @@ impl RawConfig {
                 l.max_names_per_request = at_least_one(doc, v, "max_names_per_request", at)?;
             }
             if let Some(v) = limits.shutdown_grace {
-                l.shutdown_grace = humantime::parse_duration(v.get_ref()).map_err(|e| {
-                    doc.err(
-                        &v,
-                        "shutdown_grace",
-                        at,
-                        format!("expected a duration such as \"5s\" or \"500ms\" ({e})"),
-                    )
-                })?;
+                l.shutdown_grace = duration(doc, &v, "shutdown_grace", at)?;
             }
         }
 
@@ -1241,6 +1275,23 @@ where
     Ok(v.into_inner())
 }
 
+/// A `humantime` duration ("10s", "500ms", "0s").
+fn duration(
+    doc: &Doc<'_>,
+    v: &Spanned<String>,
+    key: &str,
+    at: &str,
+) -> Result<Duration, ConfigError> {
+    humantime::parse_duration(v.get_ref()).map_err(|e| {
+        doc.err(
+            v,
+            key,
+            at,
+            format!("expected a duration such as \"5s\" or \"500ms\" ({e})"),
+        )
+    })
+}
+
 fn socket_mode(s: &str) -> Result<u32, String> {
     const WANT: &str =
         "expected octal permission bits such as \"0666\" or \"0660\", at most \"0777\"";
@@ -1599,6 +1650,12 @@ mod tests {
              "2:30: `max_streams_per_connection` in [limits]: must be at least 1"),
             ("[limits]\nshutdown_grace = \"soon\"\n",
              "2:18: `shutdown_grace` in [limits]: expected a duration such as \"5s\" or \"500ms\" (expected number at 0)"),
+            ("[limits]\nmax_connections_per_uid = 0\n",
+             "2:27: `max_connections_per_uid` in [limits]: must be at least 1"),
+            ("[limits]\nhandshake_timeout = \"0s\"\n",
+             "2:21: `handshake_timeout` in [limits]: must be more than 0s (a connection that never completes its handshake would be held forever)"),
+            ("[limits]\nidle_timeout = \"later\"\n",
+             "2:16: `idle_timeout` in [limits]: expected a duration such as \"5s\" or \"500ms\" (expected number at 0)"),
             ("[limits]\nshutdown_grace = 5\n",
              "2:18: `shutdown_grace` in [limits]: invalid type: integer `5`, expected a string"),
             ("[audit]\non_failure = \"drop\"\n",
@@ -1958,6 +2015,9 @@ secrets = ["X"]
 
 [limits]
 max_connections = 10
+max_connections_per_uid = 3
+handshake_timeout = "2s"
+idle_timeout = "5m"
 max_streams_per_connection = 4
 max_request_bytes = 4096
 max_names_per_request = 16
@@ -2021,6 +2081,9 @@ max_queue = 1000
             }
         );
         assert_eq!(c.limits.max_connections, 10);
+        assert_eq!(c.limits.max_connections_per_uid, 3);
+        assert_eq!(c.limits.handshake_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.idle_timeout, Duration::from_secs(300));
         assert_eq!(c.limits.max_streams_per_connection, 4);
         assert_eq!(c.limits.max_request_bytes, 4096);
         assert_eq!(c.limits.max_names_per_request, 16);
@@ -2047,7 +2110,7 @@ scopes: 3
   scope \"orders\": user=orders (uid 1001) -> [\"ORDERS_DB\", \"SHARED_*\"]
   scope \"functions\": group=functions (gid 500) function=\"billing\" exe=/opt/app/bin/worker -> [\"apps/billing/**\"]
   scope \"numeric\": uid=2000 gid=2000 -> [\"X\"]
-limits: max_connections=10 max_streams_per_connection=4 max_request_bytes=4096 max_names_per_request=16 shutdown_grace=1s 500ms
+limits: max_connections=10 max_connections_per_uid=3 handshake_timeout=2s idle_timeout=5m max_streams_per_connection=4 max_request_bytes=4096 max_names_per_request=16 shutdown_grace=1s 500ms
 log: format=json level=\"secretd=debug,info\"
 "
         );
@@ -2083,7 +2146,7 @@ audit log: stderr (on_failure=deny, max_queue=65536)
 env source: include [\"*\"]; exclude [\"PATH\", \"HOME\", \"HOSTNAME\", \"LANG\", \"LC_*\", \"TERM\", \"TZ\", \"PWD\", \"SHLVL\", \"RUST_LOG\"]
 file source: none
 no scopes: every read is denied
-limits: max_connections=1024 max_streams_per_connection=32 max_request_bytes=65536 max_names_per_request=256 shutdown_grace=5s
+limits: max_connections=1024 max_connections_per_uid=64 handshake_timeout=10s idle_timeout=0s (never) max_streams_per_connection=32 max_request_bytes=65536 max_names_per_request=256 shutdown_grace=5s
 log: format=human level=\"info\"
 "
         );

@@ -5,6 +5,7 @@
 //! gRPC handlers in [`service`]. Unsafe code lives only in [`scrub`] (the start-up environment
 //! wipe), [`alloc`] (the clearing allocator) and [`sys`] (raw syscalls).
 
+pub mod admission;
 pub mod alloc;
 pub mod audit;
 pub mod client;

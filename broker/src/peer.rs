@@ -36,8 +36,10 @@ use tokio::{
 use tonic::transport::server::Connected;
 
 use crate::{
+    admission::{Activity, Handshake},
     policy::{Caller, Grant},
     procfs::ProcFs,
+    state::Snapshot,
 };
 
 /// How far up the parent chain we look for a registered worker.
@@ -69,13 +71,17 @@ pub struct Peer {
     pub failure: Option<String>,
     pidfd: Option<OwnedFd>,
     closed: AtomicBool,
-    /// Caller + grant computed for a (policy generation, registry generation) pair.
+    /// Caller + grant computed for a (policy snapshot, registry generation) pair.
     cache: Mutex<Option<Cached>>,
+    /// Open streams on this connection (for `limits.idle_timeout`).
+    activity: Arc<Activity>,
 }
 
+/// A caller and its grant, with the policy snapshot the grant was computed from: the grant's
+/// scope indices mean something only in that snapshot's policy.
 #[derive(Debug, Clone)]
 pub struct Cached {
-    pub policy_gen: u64,
+    pub snapshot: Arc<Snapshot>,
     pub registry_gen: u64,
     pub caller: Caller,
     pub grant: Grant,
@@ -106,6 +112,7 @@ impl Peer {
             pidfd: None,
             closed: AtomicBool::new(false),
             cache: Mutex::new(None),
+            activity: Arc::default(),
         };
         if pid == 0 {
             peer.failure = Some("peer pid unknown (connection from another pid namespace?)".into());
@@ -173,13 +180,40 @@ impl Peer {
             pidfd: None,
             closed: AtomicBool::new(false),
             cache: Mutex::new(None),
+            activity: Arc::default(),
         }
+    }
+
+    /// Open streams on this connection.
+    pub fn activity(&self) -> &Arc<Activity> {
+        &self.activity
     }
 
     /// Whether the process that connected still exists (its pidfd has not signalled exit).
     pub fn alive(&self) -> bool {
         let Some(fd) = &self.pidfd else { return false };
         pidfd_alive(fd)
+    }
+
+    /// Resolves once the process that connected has exited (at once if it has no pidfd): the
+    /// pidfd becomes readable then, and the runtime's epoll reports it, so a stream can end
+    /// the moment its opener is gone instead of at its next message.
+    pub async fn exited(&self) {
+        let Some(fd) = self.pidfd.as_ref().and_then(|fd| fd.try_clone().ok()) else {
+            return;
+        };
+        match crate::sys::watch_readable(fd) {
+            Ok(fd) => {
+                let _ = fd.readable().await;
+            }
+            // Cannot register with epoll (should not happen for a pidfd): poll instead.
+            Err(e) => {
+                tracing::warn!(conn = self.conn, error = %e, "cannot watch a pidfd with epoll; polling it");
+                while self.alive() {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
     }
 
     /// A duplicate of the peer's pidfd (for binding a registration to it).
@@ -199,11 +233,13 @@ impl Peer {
         self.closed.load(Ordering::Acquire)
     }
 
-    pub fn cached(&self, policy_gen: u64, registry_gen: u64) -> Option<Cached> {
+    /// The cached grant, if it was computed from `snapshot` (the same `Arc`, not merely an
+    /// equal generation) under the registrations of `registry_gen`.
+    pub fn cached(&self, snapshot: &Arc<Snapshot>, registry_gen: u64) -> Option<Cached> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         cache
             .as_ref()
-            .filter(|c| c.policy_gen == policy_gen && c.registry_gen == registry_gen)
+            .filter(|c| Arc::ptr_eq(&c.snapshot, snapshot) && c.registry_gen == registry_gen)
             .cloned()
     }
 
@@ -234,15 +270,28 @@ pub type PeerInfo = Arc<Peer>;
 pub struct PeerStream {
     io: UnixStream,
     peer: PeerInfo,
-    /// Held for the life of the connection: the connection-limit permit and counters.
+    /// Held for the life of the connection: the connection-limit slot and counters.
     _guard: Box<dyn Send + Sync>,
     /// Set once the identity is revoked: the connection reads as closed when it fires, which
     /// leaves time for the denial to reach the client.
     revoked_close: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Until the client's preface and SETTINGS have arrived: what has, and the deadline.
+    handshake: Option<(Handshake, Pin<Box<tokio::time::Sleep>>)>,
+    /// `limits.idle_timeout` (zero = never) and the timer armed while no stream is open.
+    idle_timeout: std::time::Duration,
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 /// How long a revoked connection stays open so the denial that revoked it is delivered.
 const REVOKED_LINGER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// When a connection must have completed its handshake, and how long it may sit idle.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    pub handshake_by: tokio::time::Instant,
+    /// Zero = never.
+    pub idle_timeout: std::time::Duration,
+}
 
 impl std::fmt::Debug for PeerStream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -254,14 +303,45 @@ impl std::fmt::Debug for PeerStream {
 }
 
 impl PeerStream {
-    /// `guard` lives as long as the connection (a limit permit, a counter decrement on drop).
-    pub fn new(io: UnixStream, peer: Peer, guard: Box<dyn Send + Sync>) -> PeerStream {
+    /// `guard` lives as long as the connection (a limit slot, a counter decrement on drop).
+    pub fn new(
+        io: UnixStream,
+        peer: Peer,
+        guard: Box<dyn Send + Sync>,
+        deadlines: Deadlines,
+    ) -> PeerStream {
         PeerStream {
             io,
             peer: Arc::new(peer),
             _guard: guard,
             revoked_close: None,
+            handshake: Some((
+                Handshake::default(),
+                Box::pin(tokio::time::sleep_until(deadlines.handshake_by)),
+            )),
+            idle_timeout: deadlines.idle_timeout,
+            idle_timer: None,
         }
+    }
+
+    /// Whether the connection should now read as closed because it has had no open stream
+    /// for `idle_timeout`. Arms a timer (so the task is woken) while that time has not come.
+    fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.idle_timeout.is_zero() {
+            return false;
+        }
+        let Some(since) = self.peer.activity().idle_since() else {
+            self.idle_timer = None;
+            return false;
+        };
+        let due = tokio::time::Instant::from_std(since + self.idle_timeout);
+        let timer = self
+            .idle_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.deadline() != due {
+            timer.as_mut().reset(due);
+        }
+        timer.as_mut().poll(cx).is_ready()
     }
 }
 
@@ -289,7 +369,41 @@ impl AsyncRead for PeerStream {
                 return Poll::Ready(Ok(()));
             }
         }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        if self.idle_expired(cx) {
+            tracing::debug!(
+                conn = self.peer.conn,
+                uid = self.peer.uid,
+                "closing a connection idle for limits.idle_timeout"
+            );
+            return Poll::Ready(Ok(()));
+        }
+        let this = self.get_mut();
+        let Some((handshake, deadline)) = &mut this.handshake else {
+            return Pin::new(&mut this.io).poll_read(cx, buf);
+        };
+        // Still in the handshake: bytes already sent count even if we come late to read them;
+        // only a client that has sent nothing more by the deadline is cut off.
+        let late = deadline.as_mut().poll(cx).is_ready();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => {
+                handshake.feed(&buf.filled()[before..]);
+            }
+            _ if late => {
+                tracing::debug!(
+                    conn = this.peer.conn,
+                    uid = this.peer.uid,
+                    "closing a connection that did not complete its HTTP/2 handshake within limits.handshake_timeout"
+                );
+                buf.set_filled(before);
+                return Poll::Ready(Ok(()));
+            }
+            other => return other,
+        }
+        if handshake.is_complete() {
+            this.handshake = None;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 

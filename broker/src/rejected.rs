@@ -3,16 +3,17 @@
 //! A request message larger than `limits.max_request_bytes`, or one that is not a valid
 //! protobuf encoding, is refused while tonic decodes it, before our handler (which writes the
 //! audit record) is reached. This layer sits in front of every service and records such calls
-//! as `invalid`, with the caller's kernel identity. It looks only at the response status —
-//! `OUT_OF_RANGE`, which our handlers never return, or `INVALID_ARGUMENT` with the codec's
-//! [`MALFORMED`] message, which they never write — so nothing is recorded twice.
+//! as `invalid`, with the caller's kernel identity. It looks only at the response — an
+//! `OUT_OF_RANGE` status, which our handlers never return, or a status whose source is the
+//! codec's [`Malformed`](secretd_proto::codec::Malformed) marker (tonic leaves the `Status` in
+//! the response's extensions), which only the codec sets — so nothing is recorded twice.
 
 use std::{
     sync::Arc,
     task::{Context, Poll},
 };
 
-use secretd_proto::codec::MALFORMED;
+use secretd_proto::codec::is_malformed;
 use tonic::codegen::{Service, http};
 
 use crate::{
@@ -97,18 +98,13 @@ where
         Box::pin(async move {
             let resp = fut.await?;
             let header = |name: &str| resp.headers().get(name).map(|v| v.as_bytes());
+            let malformed = resp
+                .extensions()
+                .get::<tonic::Status>()
+                .is_some_and(is_malformed);
             let reason = match header("grpc-status") {
                 Some(b"11") => "request message larger than limits.max_request_bytes",
-                // grpc-message is percent-encoded; MALFORMED's only such character is ' '.
-                Some(b"3")
-                    if header("grpc-message").is_some_and(|m| {
-                        String::from_utf8_lossy(m)
-                            .replace("%20", " ")
-                            .starts_with(MALFORMED)
-                    }) =>
-                {
-                    "request message is not a valid protobuf encoding"
-                }
+                _ if malformed => "request message is not a valid protobuf encoding",
                 _ => return Ok(resp),
             };
             if let Some(peer) = peer.filter(|_| ours) {

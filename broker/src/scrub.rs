@@ -135,6 +135,26 @@ fn has_cap_ipc_lock() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
+/// The `MCL_*` flags memory was locked with at start-up (0: not locked).
+static LOCKED_WITH: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+/// Run `f` (a heap trim) with memory unlocked, then lock it again as at start-up. Locked pages
+/// cannot be given back (`madvise(MADV_DONTNEED)` fails on them), so a trim must unlock first;
+/// with `MCL_ONFAULT` the relock does not fault the released pages back in. For the
+/// milliseconds in between, pages could in principle be swapped: acceptable for a best-effort
+/// lock, and it happens only after connections have closed in numbers.
+pub fn with_memory_unlocked(f: impl FnOnce()) {
+    let flags = LOCKED_WITH.load(std::sync::atomic::Ordering::Relaxed);
+    if flags == 0 || crate::sys::munlockall().is_err() {
+        f();
+        return;
+    }
+    f();
+    if let Err(e) = crate::sys::mlockall(flags) {
+        tracing::warn!(error = %e, "failed to lock memory again after a heap trim");
+    }
+}
+
 /// `mlockall(MCL_CURRENT | MCL_FUTURE)` only when the memlock limit is unlimited: with a finite
 /// limit, MCL_FUTURE would make ordinary allocations fail once the limit is reached, which
 /// would take the broker down. Otherwise lock what is mapped now (the secrets read from the
@@ -159,12 +179,14 @@ fn lock_memory(warnings: &mut Vec<String>) -> &'static str {
         libc::MCL_CURRENT | libc::MCL_ONFAULT
     };
     if let Err(e) = crate::sys::mlockall(flags) {
+        LOCKED_WITH.store(0, std::sync::atomic::Ordering::Relaxed);
         warnings.push(format!(
             "failed to lock memory against swap (mlockall): {e}; secrets may be swapped out \
              (raise LimitMEMLOCK/RLIMIT_MEMLOCK or grant CAP_IPC_LOCK)"
         ));
         return "none";
     }
+    LOCKED_WITH.store(flags, std::sync::atomic::Ordering::Relaxed);
     if unlimited {
         "all"
     } else {

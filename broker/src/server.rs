@@ -1,5 +1,6 @@
-//! The socket and the server loop: socket-path safety, accept with a connection limit and
-//! per-connection attestation, the gRPC services (plus health and reflection), graceful stop.
+//! The socket and the server loop: socket-path safety, accept with fair-share admission
+//! (`admission`), per-connection attestation off the accept loop, the gRPC services (plus
+//! health and reflection), graceful stop.
 
 use std::{
     future::Future,
@@ -20,16 +21,30 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::{
-    peer::{Peer, PeerStream},
+    admission::{Admission, Refusal, Slot},
+    peer::{Deadlines, Peer, PeerStream},
     service::{AdminService, SecretsService},
     state::Broker,
     store::Event,
 };
 
-/// Lives as long as one connection: frees its slot under the limit and keeps the count.
+/// Lives as long as one connection: frees its slot under the limits and keeps the count.
 struct ConnectionGuard {
     broker: Arc<Broker>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: Slot,
+}
+
+impl ConnectionGuard {
+    fn new(broker: Arc<Broker>, slot: Slot) -> ConnectionGuard {
+        broker
+            .stats
+            .open_connections
+            .fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard {
+            broker,
+            _slot: slot,
+        }
+    }
 }
 
 impl Drop for ConnectionGuard {
@@ -38,8 +53,34 @@ impl Drop for ConnectionGuard {
             .stats
             .open_connections
             .fetch_sub(1, Ordering::Relaxed);
+        CLOSED_SINCE_TRIM.fetch_add(1, Ordering::Relaxed);
     }
 }
+
+/// Connections closed since the heap was last trimmed (see [`trim_after_floods`]).
+static CLOSED_SINCE_TRIM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many closed connections make a trim worth its cost.
+const TRIM_AFTER_CLOSED: usize = 32;
+
+/// Once a second: if many connections have closed since the last look, give the free heap
+/// pages back to the kernel, so RSS falls back after a flood (see `alloc::release_free_memory`).
+async fn trim_after_floods() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if CLOSED_SINCE_TRIM.load(Ordering::Relaxed) >= TRIM_AFTER_CLOSED {
+            CLOSED_SINCE_TRIM.store(0, Ordering::Relaxed);
+            let _ = tokio::task::spawn_blocking(crate::alloc::release_free_memory).await;
+        }
+    }
+}
+
+/// How many peers are identified (`/proc` reads, on blocking threads) at the same time. Few:
+/// each takes well under a millisecond unless its process tree is deep or its `/proc` slow,
+/// and the accept loop never waits for them.
+const IDENTIFY_AT_ONCE: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
@@ -179,12 +220,8 @@ pub async fn serve(
         .map_err(|e| BrokerError::Serve(e.to_string()))?;
 
     let (conns_tx, conns_rx) = mpsc::channel::<io::Result<PeerStream>>(64);
-    let accept = tokio::spawn(accept_loop(
-        Arc::clone(&broker),
-        listener,
-        conns_tx,
-        limits.max_connections,
-    ));
+    let accept = tokio::spawn(accept_loop(Arc::clone(&broker), listener, conns_tx));
+    let trim = tokio::spawn(trim_after_floods());
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
@@ -209,6 +246,7 @@ pub async fn serve(
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        .layer(crate::admission::ActivityLayer)
         .layer(crate::rejected::AuditRejectedLayer::new(Arc::clone(
             &broker,
         )))
@@ -249,6 +287,7 @@ pub async fn serve(
         }
     };
     accept.abort();
+    trim.abort();
     if let Err(e) = std::fs::remove_file(&broker.socket) {
         tracing::warn!(path = %broker.socket.display(), error = %e, "failed to remove the socket");
     }
@@ -256,16 +295,17 @@ pub async fn serve(
     result
 }
 
-/// Accept, enforce the connection limit, attest each peer, hand it to the server.
+/// Accept, admit by uid (closing at once what is over a share), then identify each peer on
+/// its own task and hand it to the server. Nothing here waits on a peer.
 async fn accept_loop(
     broker: Arc<Broker>,
     listener: tokio::net::UnixListener,
     conns: mpsc::Sender<io::Result<PeerStream>>,
-    max_connections: usize,
 ) {
-    let limit = Arc::new(Semaphore::new(max_connections));
+    let admission = Admission::new();
+    let identifying = Arc::new(Semaphore::new(IDENTIFY_AT_ONCE));
     let mut next_conn: u64 = 0;
-    let mut refused_logged = false;
+    let mut refusing: Option<Refusal> = None;
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -276,47 +316,85 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
-            broker
-                .stats
-                .refused_connections
-                .fetch_add(1, Ordering::Relaxed);
-            if !refused_logged {
-                tracing::warn!(
-                    max_connections,
-                    "connection limit reached; refusing new connections"
-                );
-                refused_logged = true;
+        let accepted = tokio::time::Instant::now();
+        let config = broker.config();
+        let limits = &config.limits;
+        // One getsockopt: the uid is all admission needs. An unknown uid is nobody's admin.
+        let uid = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+            .map(|c| c.uid())
+            .ok();
+        let admin = uid.is_some_and(|u| config.server.admin_uids.contains(&u));
+        let slot = match admission.admit(uid.unwrap_or(u32::MAX), admin, limits) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                broker
+                    .stats
+                    .refused_connections
+                    .fetch_add(1, Ordering::Relaxed);
+                if refusing != Some(refusal) {
+                    tracing::warn!(uid = ?uid, max_connections = limits.max_connections, max_connections_per_uid = limits.max_connections_per_uid, "{refusal}; closing new connections over it");
+                    refusing = Some(refusal);
+                }
+                drop(stream);
+                continue;
             }
-            drop(stream);
-            continue;
         };
-        refused_logged = false;
+        refusing = None;
         next_conn += 1;
-        let peer = Peer::identify(&stream, &broker.proc, next_conn);
-        match &peer.failure {
-            None => tracing::debug!(
-                conn = next_conn,
-                pid = peer.pid,
-                uid = peer.uid,
-                gid = peer.gid,
-                "connection accepted"
-            ),
-            Some(reason) => {
-                tracing::warn!(conn = next_conn, pid = peer.pid, uid = peer.uid, %reason, "connection accepted but not attested; its calls will be denied")
-            }
-        }
-        broker
-            .stats
-            .open_connections
-            .fetch_add(1, Ordering::Relaxed);
-        let guard = ConnectionGuard {
-            broker: Arc::clone(&broker),
-            _permit: permit,
+        let deadlines = Deadlines {
+            handshake_by: accepted + limits.handshake_timeout,
+            idle_timeout: limits.idle_timeout,
         };
-        let stream = PeerStream::new(stream, peer, Box::new(guard));
-        if conns.send(Ok(stream)).await.is_err() {
-            return;
+        let guard = ConnectionGuard::new(Arc::clone(&broker), slot);
+        tokio::spawn(identify(
+            Arc::clone(&broker),
+            stream,
+            next_conn,
+            Box::new(guard),
+            deadlines,
+            Arc::clone(&identifying),
+            conns.clone(),
+        ));
+    }
+}
+
+/// Attest one peer (its `/proc` reads run on a blocking thread, a few at a time) and hand the
+/// connection to the server.
+async fn identify(
+    broker: Arc<Broker>,
+    stream: tokio::net::UnixStream,
+    conn: u64,
+    guard: Box<dyn Send + Sync>,
+    deadlines: Deadlines,
+    identifying: Arc<Semaphore>,
+    conns: mpsc::Sender<io::Result<PeerStream>>,
+) {
+    let Ok(turn) = identifying.acquire_owned().await else {
+        return;
+    };
+    let proc = broker.proc.clone();
+    let identified = tokio::task::spawn_blocking(move || {
+        let peer = Peer::identify(&stream, &proc, conn);
+        (stream, peer)
+    })
+    .await;
+    drop(turn);
+    let Ok((stream, peer)) = identified else {
+        return;
+    };
+    match &peer.failure {
+        None => tracing::debug!(
+            conn,
+            pid = peer.pid,
+            uid = peer.uid,
+            gid = peer.gid,
+            "connection accepted"
+        ),
+        Some(reason) => {
+            tracing::warn!(conn, pid = peer.pid, uid = peer.uid, %reason, "connection accepted but not attested; its calls will be denied")
         }
     }
+    let _ = conns
+        .send(Ok(PeerStream::new(stream, peer, guard, deadlines)))
+        .await;
 }

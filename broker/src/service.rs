@@ -243,6 +243,27 @@ fn secret_of(broker: &Broker, name: &SecretName) -> Option<pb::Secret> {
     })
 }
 
+/// Whether the opener of a watch may still see `name`: alive, attested and in scope under the
+/// policy in force. What every value on a stream is checked against before it is read.
+fn still_allowed(broker: &Broker, peer: &Peer, name: &SecretName) -> Result<(), Status> {
+    match broker.attest(peer) {
+        Err(why @ Unverified::Exited) => {
+            tracing::info!(conn = peer.conn, pid = peer.pid, uid = peer.uid, name = %name, "watch ended: the process that opened it has exited");
+            Err(Status::permission_denied(why.to_string()))
+        }
+        Err(Unverified::Failed(_)) => Err(Status::permission_denied(
+            "permission denied: caller identity could not be verified",
+        )),
+        Ok(att) => match evaluate(&att.config.policy, &att.grant, name) {
+            Decision::Allow { .. } => Ok(()),
+            Decision::Deny(_) => {
+                tracing::info!(pid = peer.pid, uid = peer.uid, name = %name, "watch ended: scope revoked by reload");
+                Err(Status::permission_denied(DENIED))
+            }
+        },
+    }
+}
+
 /// `secretd.v1.Secrets`.
 #[derive(Debug, Clone)]
 pub struct SecretsService {
@@ -308,13 +329,17 @@ impl Secrets for SecretsService {
                 return Err(call.deny(format!("{name}: {reason}"), DENIED));
             }
         }
-        let mut secrets = Vec::with_capacity(names.len());
-        for name in &names {
-            match secret_of(&self.broker, name) {
-                Some(s) => secrets.push(s),
-                None => return Err(call.not_found()),
+        // One snapshot: a certificate and its key rotated together come from the same batch.
+        let Some(secrets) = self.broker.store.read_many(&names, |name, value, version| {
+            pb::Secret {
+                name: name.to_string(),
+                // Copies made for the response; freed (and cleared) once encoded.
+                value: value.to_vec(),
+                version,
             }
-        }
+        }) else {
+            return Err(call.not_found());
+        };
         call.allow()?;
         Ok(Response::new(pb::GetSecretsResponse { secrets }))
     }
@@ -382,39 +407,39 @@ impl Secrets for SecretsService {
         // The task below turns store events into notifications; the value is read when the
         // stream is polled, i.e. when HTTP/2 can take the next message. Nothing queues values:
         // a watcher that falls behind gets the newest one, and a rotated-away value is never
-        // held for it.
+        // held for it. The stream belongs to the process that opened the connection: when its
+        // pidfd says it has exited, the stream ends at once, and every value is re-checked
+        // against the scope in force right before it is read (contract §7).
         let (tx, rx) = mpsc::channel::<Result<(), Status>>(1);
         let broker = Arc::clone(&self.broker);
         let watched = name.clone();
+        let opener = Arc::clone(&peer);
         tokio::spawn(async move {
+            let exited = opener.exited();
+            tokio::pin!(exited);
             loop {
                 let event = tokio::select! {
                     () = tx.closed() => return,
+                    () = &mut exited => {
+                        tracing::info!(conn = opener.conn, pid = opener.pid, uid = opener.uid, name = %watched, "watch ended: the process that opened it has exited");
+                        opener.close();
+                        let _ = tx.send(Err(Status::permission_denied(Unverified::Exited.to_string()))).await;
+                        return;
+                    }
                     e = events.recv() => e,
                 };
                 let end = match event {
                     Ok(Event::Changed(n)) if n == watched => None,
                     Ok(Event::Deleted(n)) if n == watched => Some(Status::not_found(NOT_FOUND)),
                     Ok(Event::Changed(_) | Event::Deleted(_)) => continue,
-                    Ok(Event::PolicyReloaded) => {
-                        let still = broker.attest(&peer).is_ok_and(|a| {
-                            matches!(
-                                evaluate(&a.config.policy, &a.grant, &watched),
-                                Decision::Allow { .. }
-                            )
-                        });
-                        if still {
-                            None
-                        } else {
-                            tracing::info!(pid = peer.pid, uid = peer.uid, name = %watched, "watch ended: scope revoked by reload");
-                            Some(Status::permission_denied(DENIED))
-                        }
+                    // A reload, or missed events (one of which may have been a reload): the
+                    // scope is re-checked before anything else happens on this stream.
+                    Ok(Event::PolicyReloaded) | Err(RecvError::Lagged(_)) => {
+                        still_allowed(&broker, &opener, &watched).err()
                     }
                     Ok(Event::ShuttingDown) | Err(RecvError::Closed) => {
                         Some(Status::unavailable("broker is shutting down"))
                     }
-                    // Missed events: re-read the current value.
-                    Err(RecvError::Lagged(_)) => None,
                 };
                 match end {
                     // A notification already waiting reads the newest value too.
@@ -434,14 +459,19 @@ impl Secrets for SecretsService {
         let mut last = first.version;
         let changes = ReceiverStream::new(rx).filter_map(move |note| match note {
             Err(status) => Some(Err(status)),
-            Ok(()) => match secret_of(&broker, &name) {
-                Some(s) if s.version != last => {
-                    last = s.version;
-                    Some(Ok(s))
+            Ok(()) => {
+                if let Err(status) = still_allowed(&broker, &peer, &name) {
+                    return Some(Err(status));
                 }
-                Some(_) => None,
-                None => Some(Err(Status::not_found(NOT_FOUND))),
-            },
+                match secret_of(&broker, &name) {
+                    Some(s) if s.version != last => {
+                        last = s.version;
+                        Some(Ok(s))
+                    }
+                    Some(_) => None,
+                    None => Some(Err(Status::not_found(NOT_FOUND))),
+                }
+            }
         });
         Ok(Response::new(Box::pin(
             tokio_stream::once(Ok(first)).chain(changes),

@@ -1,13 +1,17 @@
 //! The broker's shared state: configuration in force, secrets, registrations, audit sink and
 //! counters — and the two operations that change more than one of them (reload, attest).
+//!
+//! Consistency (contract §7): the config and its policy generation are one immutable
+//! [`Snapshot`], replaced as a whole by `reload` (one pointer swap under a lock held for no
+//! more than that). `attest` reads the snapshot once; the grant it computes, and any grant it
+//! reuses from the connection's cache, is paired with the snapshot it was computed from, and
+//! scope indices are only ever resolved against that snapshot's policy. A call is therefore
+//! decided wholly by the old policy or wholly by the new one, never by a mix.
 
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
-    sync::{
-        Arc, Mutex, OnceLock, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, OnceLock, RwLock, atomic::AtomicU64},
     time::{Instant, SystemTime},
 };
 
@@ -22,7 +26,7 @@ use crate::{
     procfs::ProcFs,
     registry::Registry,
     sources::{self, Secrets, SourceError},
-    store::{Event, Origin, Store},
+    store::{Change, Event, Origin, Store},
     upstream::{self, NodeInUse, SecretSink, Update},
 };
 
@@ -55,11 +59,18 @@ pub struct ConfigOrigin {
     pub etc: PathBuf,
 }
 
+/// One policy in force: the config and its generation, read and replaced together.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    /// Bumped by every reload (for logs and caches; identity is the `Arc` itself).
+    pub generation: u64,
+}
+
 /// Everything the handlers share.
 #[derive(Debug)]
 pub struct Broker {
-    config: RwLock<Arc<Config>>,
-    policy_gen: AtomicU64,
+    current: RwLock<Arc<Snapshot>>,
     origin: ConfigOrigin,
     /// The socket actually served (from `--socket` or the config at start-up).
     pub socket: PathBuf,
@@ -74,6 +85,30 @@ pub struct Broker {
     /// The background source (`[sources.openbao]`), once started (see
     /// [`Broker::set_upstream`]): `refresh` and `reload` reach it through this link.
     upstream: OnceLock<upstream::Control>,
+    /// Fires in `attest` right after the snapshot is read: where a reload used to slip in.
+    #[cfg(test)]
+    after_policy_read: TestHook,
+}
+
+#[cfg(test)]
+#[derive(Default)]
+struct TestHook(Mutex<Option<Box<dyn FnOnce() + Send>>>);
+
+#[cfg(test)]
+impl std::fmt::Debug for TestHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TestHook")
+    }
+}
+
+#[cfg(test)]
+impl TestHook {
+    fn fire(&self) {
+        let hook = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(hook) = hook {
+            hook();
+        }
+    }
 }
 
 /// A verified caller, with the config snapshot its grant was computed against.
@@ -121,8 +156,10 @@ impl Broker {
         proc: ProcFs,
     ) -> Broker {
         Broker {
-            config: RwLock::new(Arc::new(config)),
-            policy_gen: AtomicU64::new(1),
+            current: RwLock::new(Arc::new(Snapshot {
+                config: Arc::new(config),
+                generation: 1,
+            })),
             origin,
             socket,
             store,
@@ -134,6 +171,8 @@ impl Broker {
             sources: Mutex::new(BTreeMap::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             upstream: OnceLock::new(),
+            #[cfg(test)]
+            after_policy_read: TestHook::default(),
         }
     }
 
@@ -152,12 +191,20 @@ impl Broker {
         v
     }
 
-    pub fn config(&self) -> Arc<Config> {
-        Arc::clone(&self.config.read().unwrap_or_else(|e| e.into_inner()))
+    /// The policy in force: config and generation, one consistent pair.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.current.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    pub fn policy_generation(&self) -> u64 {
-        self.policy_gen.load(Ordering::Acquire)
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.snapshot().config)
+    }
+
+    /// Put `config` in force as the next generation, in one swap.
+    fn install(&self, config: Arc<Config>) {
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let generation = current.generation + 1;
+        *current = Arc::new(Snapshot { config, generation });
     }
 
     /// Who is calling, re-verified for this call: the connecting process must still be alive.
@@ -172,12 +219,15 @@ impl Broker {
             peer.close();
             return Err(Unverified::Exited);
         }
-        let config = self.config();
-        let policy_gen = self.policy_generation();
+        let snapshot = self.snapshot();
+        #[cfg(test)]
+        self.after_policy_read.fire();
+        // Read before the registrations it describes: a registration that changes meanwhile
+        // leaves a stale generation in the cache, which only forces a recomputation.
         let registry_gen = self.registry.generation();
-        if let Some(c) = peer.cached(policy_gen, registry_gen) {
+        if let Some(c) = peer.cached(&snapshot, registry_gen) {
             return Ok(Attested {
-                config,
+                config: Arc::clone(&c.snapshot.config),
                 caller: c.caller,
                 grant: c.grant,
             });
@@ -190,15 +240,15 @@ impl Broker {
             function: self.registry.function_for(peer),
             exe: peer.exe.clone(),
         };
-        let grant = config.policy.grant(&caller);
+        let grant = snapshot.config.policy.grant(&caller);
         peer.store_cache(Cached {
-            policy_gen,
+            snapshot: Arc::clone(&snapshot),
             registry_gen,
             caller: caller.clone(),
             grant: grant.clone(),
         });
         Ok(Attested {
-            config,
+            config: Arc::clone(&snapshot.config),
             caller,
             grant,
         })
@@ -238,8 +288,7 @@ impl Broker {
         self.store.replace_origin(Origin::File, files);
         self.note_source("files", Ok(()));
         let config = Arc::new(config);
-        *self.config.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&config);
-        self.policy_gen.fetch_add(1, Ordering::AcqRel);
+        self.install(Arc::clone(&config));
         self.store.announce(Event::PolicyReloaded);
         if let Some(u) = self.upstream.get() {
             u.reconfigure(Arc::clone(&config));
@@ -351,17 +400,26 @@ impl Broker {
 
 /// Background sources publish here: the store gets the values, Status the health.
 impl SecretSink for Broker {
+    /// One read of a source (one OpenBao refresh cycle) is one change of the store (contract
+    /// §7): readers see all of it or none of it.
     fn publish(&self, origin: Origin, update: Update) {
+        let mut batch: Vec<Change> = Vec::with_capacity(update.values.len());
         if let Some(provides) = &update.provides {
-            for name in self.store.names_of(origin) {
-                if !provides.contains(&name) {
-                    self.store.delete(&name);
-                }
-            }
+            batch.extend(
+                self.store
+                    .names_of(origin)
+                    .into_iter()
+                    .filter(|name| !provides.contains(name))
+                    .map(Change::Delete),
+            );
         }
-        for (name, value) in update.values {
-            self.store.put(name, value, origin);
-        }
+        batch.extend(
+            update
+                .values
+                .into_iter()
+                .map(|(name, value)| Change::Put(name, value)),
+        );
+        self.store.apply(origin, batch);
     }
 
     fn note(&self, source: &'static str, result: Result<(), String>) {
@@ -394,4 +452,85 @@ pub fn state_path_for(socket: &Path) -> PathBuf {
         .unwrap_or_else(|| "secretd.sock".into());
     name.push(".state");
     socket.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Decision, evaluate};
+
+    fn config(text: &str) -> Config {
+        Config::parse(text, Path::new("/test/secretd.toml"), Path::new("/etc")).unwrap()
+    }
+
+    fn broker(config: Config, dir: &Path) -> Arc<Broker> {
+        let origin = ConfigOrigin {
+            path: dir.join("secretd.toml"),
+            explicit: true,
+            etc: PathBuf::from("/etc"),
+        };
+        let socket = dir.join("secretd.sock");
+        let registry = Registry::new(state_path_for(&socket), ProcFs::system());
+        let (audit, _) = AuditLog::in_memory();
+        Arc::new(Broker::new(
+            config,
+            origin,
+            socket,
+            Store::new(),
+            registry,
+            audit,
+            ProcFs::system(),
+        ))
+    }
+
+    fn allowed(att: &Attested, name: &str) -> bool {
+        let name = SecretName::parse(name).unwrap();
+        matches!(
+            evaluate(&att.config.policy, &att.grant, &name),
+            Decision::Allow { .. }
+        )
+    }
+
+    /// The interleaving of issue 11 #4, forced: a reload lands after `attest` has read the
+    /// policy in force and before it caches the grant. In the new policy, the caller's old scope
+    /// index names a scope it does not match; the grant must never be read against it.
+    #[test]
+    fn a_reload_between_reading_the_policy_and_caching_the_grant_mixes_nothing() {
+        let me = nix::unistd::getuid().as_raw();
+        let other = me.wrapping_add(4242);
+        let old = config(&format!(
+            "[[scope]]\nname = \"mine\"\nuid = {me}\nsecrets = [\"PUBLIC\"]\n"
+        ));
+        let new = config(&format!(
+            "[[scope]]\nname = \"vault\"\nuid = {other}\nsecrets = [\"TOP_SECRET\"]\n\n\
+             [[scope]]\nname = \"mine\"\nuid = {me}\nsecrets = [\"PUBLIC\"]\n"
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let broker = broker(old, dir.path());
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let peer = Peer::identify(&a, &broker.proc, 1);
+        assert_eq!(peer.failure, None);
+
+        let reloading = Arc::clone(&broker);
+        *broker.after_policy_read.0.lock().unwrap() =
+            Some(Box::new(move || reloading.install(Arc::new(new))));
+        let during = broker.attest(&peer).unwrap();
+        assert!(
+            allowed(&during, "PUBLIC") && !allowed(&during, "TOP_SECRET"),
+            "the call that raced the reload is decided by one policy"
+        );
+
+        let after = broker.attest(&peer).unwrap();
+        assert_eq!(
+            after.config.policy.scopes().len(),
+            2,
+            "the new policy is in force"
+        );
+        assert!(
+            !allowed(&after, "TOP_SECRET"),
+            "a grant computed on the old policy was resolved against the new one"
+        );
+        assert!(allowed(&after, "PUBLIC"));
+        assert_eq!(after.grant.scope_names(&after.config.policy), ["mine"]);
+    }
 }

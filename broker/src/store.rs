@@ -10,6 +10,11 @@
 //!
 //! Every change is announced on a broadcast channel ([`Event`]) that watchers subscribe to; the
 //! event carries names only.
+//!
+//! Consistency (contract §7): a change to several secrets at once — a files reload, one OpenBao
+//! refresh cycle, [`Store::apply`] — is made under one write lock, so no reader sees part of
+//! it; [`Store::read_many`] reads several secrets under one read lock, so `GetSecrets` returns
+//! one snapshot. Events for a batch are sent once all of it is visible.
 
 use std::{
     collections::BTreeMap,
@@ -63,6 +68,21 @@ pub enum Event {
     ShuttingDown,
 }
 
+/// One change of a batch ([`Store::apply`]).
+pub enum Change {
+    Put(SecretName, SecretBox<[u8]>),
+    Delete(SecretName),
+}
+
+impl std::fmt::Debug for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Put(n, _) => write!(f, "Put({n}, [REDACTED])"),
+            Change::Delete(n) => write!(f, "Delete({n})"),
+        }
+    }
+}
+
 /// Read-mostly map of secrets. Cheap reads under an `RwLock` (reads never block each other;
 /// writes are rare: start-up, reload, rotation, admin set/delete).
 pub struct Store {
@@ -102,14 +122,20 @@ impl Store {
         self.next_version.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Insert or replace. An unchanged value keeps its version (and announces nothing), so a
-    /// periodic re-read of the same data does not wake every watcher.
-    pub fn put(&self, name: SecretName, value: SecretBox<[u8]>, origin: Origin) -> u64 {
-        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+    /// Insert or replace in `entries` (the caller holds the write lock). An unchanged value
+    /// keeps its version and yields no event, so a periodic re-read of the same data does not
+    /// wake every watcher.
+    fn put_locked(
+        &self,
+        entries: &mut BTreeMap<SecretName, Entry>,
+        name: SecretName,
+        value: SecretBox<[u8]>,
+        origin: Origin,
+    ) -> (u64, Option<Event>) {
         if let Some(old) = entries.get_mut(&name) {
             if old.value.expose_secret() == value.expose_secret() {
                 old.origin = origin;
-                return old.version;
+                return (old.version, None);
             }
             let version = self.bump();
             // The old box is dropped (and zeroized) by this assignment.
@@ -118,9 +144,7 @@ impl Store {
                 version,
                 origin,
             };
-            drop(entries);
-            let _ = self.events.send(Event::Changed(name));
-            return version;
+            return (version, Some(Event::Changed(name)));
         }
         let version = self.bump();
         entries.insert(
@@ -131,43 +155,102 @@ impl Store {
                 origin,
             },
         );
-        drop(entries);
-        let _ = self.events.send(Event::Changed(name));
+        (version, Some(Event::Changed(name)))
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<SecretName, Entry>> {
+        self.entries.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn send_all(&self, events: Vec<Event>) {
+        for event in events {
+            let _ = self.events.send(event);
+        }
+    }
+
+    /// Insert or replace one secret; returns its version.
+    pub fn put(&self, name: SecretName, value: SecretBox<[u8]>, origin: Origin) -> u64 {
+        let (version, event) = self.put_locked(&mut self.write(), name, value, origin);
+        self.send_all(event.into_iter().collect());
         version
     }
 
     /// Remove (and zeroize). Returns whether it existed.
     pub fn delete(&self, name: &SecretName) -> bool {
-        let removed = self
-            .entries
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+        let removed = self.write().remove(name);
         if removed.is_some() {
             let _ = self.events.send(Event::Deleted(name.clone()));
         }
         removed.is_some()
     }
 
-    /// Replace every secret of `origin` with `fresh`: new names are added, changed values get a
-    /// new version, names no longer present are deleted. Secrets of other origins are kept.
+    /// Apply several changes as one: readers see all of them or none (one write lock), and
+    /// watchers hear of them once all are visible. Returns how many secrets changed.
+    pub fn apply(&self, origin: Origin, changes: Vec<Change>) -> usize {
+        let mut events = Vec::with_capacity(changes.len());
+        {
+            let mut entries = self.write();
+            for change in changes {
+                match change {
+                    Change::Put(name, value) => {
+                        let (_, event) = self.put_locked(&mut entries, name, value, origin);
+                        events.extend(event);
+                    }
+                    Change::Delete(name) => {
+                        if entries.remove(&name).is_some() {
+                            events.push(Event::Deleted(name));
+                        }
+                    }
+                }
+            }
+        }
+        let changed = events.len();
+        self.send_all(events);
+        changed
+    }
+
+    /// Replace every secret of `origin` with `fresh`, as one change ([`Store::apply`]): new
+    /// names are added, changed values get a new version, names no longer present are deleted.
+    /// Secrets of other origins are kept.
     pub fn replace_origin(&self, origin: Origin, fresh: Vec<(SecretName, SecretBox<[u8]>)>) {
         let keep: std::collections::BTreeSet<SecretName> =
             fresh.iter().map(|(n, _)| n.clone()).collect();
-        let stale: Vec<SecretName> = {
-            let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-            entries
+        let mut events = Vec::new();
+        {
+            let mut entries = self.write();
+            let stale: Vec<SecretName> = entries
                 .iter()
                 .filter(|(n, e)| e.origin == origin && !keep.contains(*n))
                 .map(|(n, _)| n.clone())
-                .collect()
-        };
-        for name in &stale {
-            self.delete(name);
+                .collect();
+            for name in stale {
+                entries.remove(&name);
+                events.push(Event::Deleted(name));
+            }
+            for (name, value) in fresh {
+                let (_, event) = self.put_locked(&mut entries, name, value, origin);
+                events.extend(event);
+            }
         }
-        for (name, value) in fresh {
-            self.put(name, value, origin);
-        }
+        self.send_all(events);
+    }
+
+    /// Lend several values to `f`, one at a time, all read under one lock: a consistent
+    /// snapshot (no batch is half-visible). `None` if any name is missing.
+    pub fn read_many<R>(
+        &self,
+        names: &[SecretName],
+        mut f: impl FnMut(&SecretName, &[u8], u64) -> R,
+    ) -> Option<Vec<R>> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        names
+            .iter()
+            .map(|n| {
+                entries
+                    .get(n)
+                    .map(|e| f(n, e.value.expose_secret(), e.version))
+            })
+            .collect()
     }
 
     /// Lend a value to `f`. The only exposure point of the broker.
@@ -241,10 +324,7 @@ impl Store {
 
     /// Zeroize and drop every secret (shutdown).
     pub fn clear(&self) {
-        self.entries
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        self.write().clear();
     }
 }
 
@@ -304,5 +384,82 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap(), Event::Changed(n("A")));
         assert_eq!(rx.try_recv().unwrap(), Event::Deleted(n("A")));
         assert!(format!("{s:?}").contains("secrets: 0"));
+    }
+
+    /// A certificate and its key rotated together (one files reload, one OpenBao cycle) are
+    /// never read half-rotated. A concurrent check, not a proof: the guarantee itself is that
+    /// both are written under one lock and read under one lock; this catches a regression to
+    /// name-by-name writes or reads (which fails it within a few hundred rotations here).
+    #[test]
+    fn a_batch_is_seen_whole_by_readers() {
+        use std::sync::{Arc, atomic::AtomicBool};
+        let store = Arc::new(Store::new());
+        let pair = |i: u32| {
+            vec![
+                (n("TLS_CERT"), secret(format!("cert-{i}").into_bytes())),
+                (n("TLS_KEY"), secret(format!("key-{i}").into_bytes())),
+            ]
+        };
+        store.replace_origin(Origin::File, pair(0));
+        let done = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+            std::thread::spawn(move || {
+                for i in 1..=20_000 {
+                    if i % 2 == 0 {
+                        store.replace_origin(Origin::File, pair(i));
+                    } else {
+                        let batch = pair(i)
+                            .into_iter()
+                            .map(|(k, v)| Change::Put(k, v))
+                            .collect();
+                        store.apply(Origin::File, batch);
+                    }
+                }
+                done.store(true, Ordering::Release);
+            })
+        };
+        let names = [n("TLS_CERT"), n("TLS_KEY")];
+        let mut reads = 0u64;
+        while !done.load(Ordering::Acquire) {
+            let got = store
+                .read_many(&names, |_, v, _| String::from_utf8(v.to_vec()).unwrap())
+                .unwrap();
+            let cert = got[0].strip_prefix("cert-").unwrap();
+            let key = got[1].strip_prefix("key-").unwrap();
+            assert_eq!(cert, key, "read a certificate with another rotation's key");
+            reads += 1;
+        }
+        writer.join().unwrap();
+        assert!(reads > 0);
+    }
+
+    #[test]
+    fn a_batch_is_announced_once_it_is_all_visible() {
+        let s = Store::new();
+        s.put(n("OLD"), secret(b"x".to_vec()), Origin::OpenBao);
+        let mut rx = s.subscribe();
+        let changed = s.apply(
+            Origin::OpenBao,
+            vec![
+                Change::Put(n("A"), secret(b"1".to_vec())),
+                Change::Put(n("B"), secret(b"2".to_vec())),
+                Change::Delete(n("OLD")),
+                Change::Delete(n("NEVER_THERE")),
+            ],
+        );
+        assert_eq!(changed, 3);
+        assert_eq!(rx.try_recv().unwrap(), Event::Changed(n("A")));
+        assert_eq!(rx.try_recv().unwrap(), Event::Changed(n("B")));
+        assert_eq!(rx.try_recv().unwrap(), Event::Deleted(n("OLD")));
+        assert!(rx.try_recv().is_err());
+        assert!(s.read_many(&[n("A"), n("OLD")], |_, _, _| ()).is_none());
+        assert_eq!(
+            s.read_many(&[n("A"), n("B")], |_, v, _| v.to_vec()),
+            Some(vec![b"1".to_vec(), b"2".to_vec()])
+        );
+        assert!(
+            format!("{:?}", Change::Put(n("A"), secret(b"hunter2".to_vec()))).contains("REDACTED")
+        );
     }
 }

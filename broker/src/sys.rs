@@ -40,6 +40,15 @@ pub fn inherited_fd(fd: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// `munlockall(2)`.
+pub fn munlockall() -> io::Result<()> {
+    // SAFETY: munlockall takes no arguments; it only changes the paging of our own mappings.
+    if unsafe { libc::munlockall() } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `mlockall(2)` with the given `MCL_*` flags.
 pub fn mlockall(flags: i32) -> io::Result<()> {
     // SAFETY: mlockall takes no pointers; it only changes the paging of our own mappings.

@@ -625,7 +625,11 @@ fn registered_worker_and_its_children_get_the_function_across_restarts() {
 fn connection_limit_refuses_extra_connections_but_keeps_serving() {
     require_root!();
     let sb = Sandbox::new();
-    sb.write_config(&format!("{POLICY}\n[limits]\nmax_connections = 3\n"));
+    // root is an admin here: admins are exempt from the per-uid share and may exceed
+    // max_connections by a reserve of max_connections_per_uid, so 2 + 1 = 3 connections.
+    sb.write_config(&format!(
+        "{POLICY}\n[limits]\nmax_connections = 2\nmax_connections_per_uid = 1\n"
+    ));
     let b = start(&sb, &[("ROOT_A", "limit-value-1")]);
     runtime().block_on(async {
         let mut held = Vec::new();

@@ -110,6 +110,26 @@ pub fn trailer_padding() -> (http::HeaderName, http::HeaderValue) {
 /// How the status message of an undecodable message begins.
 pub const MALFORMED: &str = "malformed request message";
 
+/// The source ([`Status::source`](std::error::Error::source)) of every status
+/// [`StrictDecoder`] returns: how a layer tells "the codec refused this message" from anything a
+/// handler said, by type rather than by message text. tonic keeps the `Status` it turns into a
+/// response in that response's extensions (`Status::into_http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Malformed;
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(MALFORMED)
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+/// Whether `status` was made by [`StrictDecoder`] for a message it could not decode.
+pub fn is_malformed(status: &Status) -> bool {
+    std::error::Error::source(status).is_some_and(|e| e.is::<Malformed>())
+}
+
 /// The codec named by `build.rs` for every generated service and client.
 #[derive(Debug, Clone)]
 pub struct SecretdCodec<T, U>(PhantomData<(T, U)>);
@@ -152,7 +172,9 @@ impl<U: Message + Default> Decoder for StrictDecoder<U> {
         U::decode(buf).map(Some).map_err(|_| {
             let name = std::any::type_name::<U>();
             let name = name.rsplit("::").next().unwrap_or(name);
-            Status::invalid_argument(format!("{MALFORMED}: not a valid {name}"))
+            let mut status = Status::invalid_argument(format!("{MALFORMED}: not a valid {name}"));
+            status.set_source(std::sync::Arc::new(Malformed));
+            status
         })
     }
 }
