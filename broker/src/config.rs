@@ -46,6 +46,10 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod dynamic;
+
+pub use dynamic::{DynamicSecret, Part, Template};
+
 use crate::name::{SecretName, is_name_byte};
 use crate::policy::{Matcher, Policy, Scope, secret_glob};
 
@@ -177,6 +181,8 @@ pub struct OpenBaoSource {
     pub auth: OpenBaoAuth,
     /// `NAME = "PATH#KEY"`, sorted by name.
     pub secrets: Vec<OpenBaoMapping>,
+    /// `[sources.openbao.dynamic.NAME]`: values built from leases, sorted by name.
+    pub dynamic: Vec<DynamicSecret>,
 }
 
 /// `https://HOST[:PORT]`: the host is what the certificate must name.
@@ -233,7 +239,7 @@ pub struct OpenBaoMapping {
 impl OpenBaoSource {
     /// Whether `name` is one of this source's secrets.
     pub fn maps(&self, name: &SecretName) -> bool {
-        self.secrets.iter().any(|m| &m.name == name)
+        self.secrets.iter().any(|m| &m.name == name) || self.dynamic.iter().any(|d| &d.name == name)
     }
 }
 
@@ -567,7 +573,8 @@ struct RawOpenBao {
     refresh: Option<Spanned<String>>,
     required: Option<bool>,
     auth: Spanned<RawOpenBaoAuth>,
-    secrets: Spanned<std::collections::BTreeMap<String, Spanned<String>>>,
+    secrets: Option<Spanned<std::collections::BTreeMap<String, Spanned<String>>>>,
+    dynamic: Option<std::collections::BTreeMap<String, Spanned<dynamic::RawDynamic>>>,
 }
 
 /// `address = "https://…"` or `address = ["https://…", …]`.
@@ -889,17 +896,39 @@ impl RawOpenBao {
             None => Duration::from_secs(30),
         };
         let auth = self.auth.into_inner().validate(doc, section)?;
-        if self.secrets.get_ref().is_empty() {
-            return Err(doc.err(
-                &self.secrets,
-                "secrets",
-                at,
-                "is empty: map at least one NAME = \"PATH#KEY\"",
-            ));
-        }
+        let dynamic = dynamic::validate(doc, section, self.dynamic.unwrap_or_default())?;
+        let mapped = match self.secrets {
+            Some(s) if s.get_ref().is_empty() && dynamic.is_empty() => {
+                return Err(doc.err(
+                    &s,
+                    "secrets",
+                    at,
+                    "is empty: map at least one NAME = \"PATH#KEY\"",
+                ));
+            }
+            Some(s) => s.into_inner(),
+            None if dynamic.is_empty() => {
+                return Err(doc.error_at(
+                    self.address.span(),
+                    format!("[sources.{section}] needs [sources.{section}.secrets] or [sources.{section}.dynamic.NAME]"),
+                ));
+            }
+            None => std::collections::BTreeMap::new(),
+        };
         let at_secrets = format!("in [sources.{section}.secrets]");
         let mut secrets = Vec::new();
-        for (name, target) in self.secrets.into_inner() {
+        for (name, target) in mapped {
+            if let Some(d) = dynamic.iter().find(|d| d.name.as_str() == name) {
+                return Err(doc.err(
+                    &target,
+                    &name,
+                    &at_secrets,
+                    format!(
+                        "{} is also a [sources.{section}.dynamic] secret: give it once",
+                        d.name
+                    ),
+                ));
+            }
             let key_name = name.as_str();
             let secret_name = SecretName::parse(key_name).map_err(|e| {
                 doc.err(
@@ -936,6 +965,7 @@ impl RawOpenBao {
             required: self.required.unwrap_or(true),
             auth,
             secrets,
+            dynamic,
         })
     }
 }
