@@ -571,6 +571,12 @@ fn status_json(s: &pb::StatusResponse) -> serde_json::Value {
             "node": (!src.node.is_empty()).then_some(&src.node),
             "failovers": (!src.node.is_empty()).then_some(src.failovers),
         })).collect::<Vec<_>>(),
+        "dynamic": s.dynamic.iter().map(|d| serde_json::json!({
+            "name": d.name,
+            "path": d.path,
+            "held": d.held,
+            "ttl_seconds": d.held.then_some(d.ttl_seconds),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -638,6 +644,14 @@ fn print_status(s: &pb::StatusResponse) {
             );
         }
         println!();
+    }
+    for d in &s.dynamic {
+        if d.held {
+            let ttl = humantime::format_duration(std::time::Duration::from_secs(d.ttl_seconds));
+            println!("dynamic {}  {}  ttl {ttl}", d.name, d.path);
+        } else {
+            println!("dynamic {}  {}  no lease (retrying)", d.name, d.path);
+        }
     }
 }
 

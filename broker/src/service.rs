@@ -634,6 +634,19 @@ impl Admin for AdminService {
                 failovers: h.node.as_ref().map_or(0, |n| n.failovers),
             });
         }
+        let now = std::time::Instant::now();
+        let dynamic = b
+            .dynamic_status()
+            .into_iter()
+            .map(|d| pb::DynamicSecretStatus {
+                name: d.name.to_string(),
+                path: d.path,
+                held: d.expires.is_some(),
+                ttl_seconds: d
+                    .expires
+                    .map_or(0, |e| e.saturating_duration_since(now).as_secs()),
+            })
+            .collect();
         use std::sync::atomic::Ordering::Relaxed;
         Ok(Response::new(pb::StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -654,6 +667,7 @@ impl Admin for AdminService {
             sources,
             pid: u64::from(std::process::id()),
             audit: Some(audit_status(b.audit.stats())),
+            dynamic,
         }))
     }
 

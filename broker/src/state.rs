@@ -81,6 +81,8 @@ pub struct Broker {
     pub stats: Stats,
     pub started: Instant,
     sources: Mutex<BTreeMap<&'static str, SourceHealth>>,
+    /// The dynamic secrets' paths and lease ends, for Status (never a lease id or value).
+    dynamic: Mutex<Vec<crate::leases::DynamicStatus>>,
     reload_lock: tokio::sync::Mutex<()>,
     /// The background source (`[sources.openbao]`), once started (see
     /// [`Broker::set_upstream`]): `refresh` and `reload` reach it through this link.
@@ -169,6 +171,7 @@ impl Broker {
             stats: Stats::default(),
             started: Instant::now(),
             sources: Mutex::new(BTreeMap::new()),
+            dynamic: Mutex::new(Vec::new()),
             reload_lock: tokio::sync::Mutex::new(()),
             upstream: OnceLock::new(),
             #[cfg(test)]
@@ -382,6 +385,18 @@ impl Broker {
     fn note_node_in_use(&self, source: &'static str, node: NodeInUse) {
         let mut sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
         sources.entry(source).or_default().node = Some(node);
+    }
+
+    /// Record the dynamic secrets' state (replacing the previous one).
+    pub fn note_dynamic(&self, status: Vec<crate::leases::DynamicStatus>) {
+        *self.dynamic.lock().unwrap_or_else(|e| e.into_inner()) = status;
+    }
+
+    pub fn dynamic_status(&self) -> Vec<crate::leases::DynamicStatus> {
+        self.dynamic
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn source_health(&self) -> BTreeMap<&'static str, SourceHealth> {

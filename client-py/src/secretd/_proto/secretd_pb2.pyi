@@ -157,7 +157,7 @@ class AuditStatus(_message.Message):
     def __init__(self, target: _Optional[str] = ..., on_failure: _Optional[str] = ..., max_queue: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_peak: _Optional[int] = ..., records_written: _Optional[int] = ..., records_dropped: _Optional[int] = ..., calls_refused: _Optional[int] = ..., write_failures: _Optional[int] = ..., queue_full: _Optional[int] = ..., state: _Optional[str] = ..., last_error: _Optional[str] = ..., last_error_time: _Optional[str] = ..., reopens: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_seconds", "secrets", "scopes", "registered_workers", "open_connections", "calls_allowed", "calls_denied", "socket", "config", "sources", "pid", "audit")
+    __slots__ = ("version", "uptime_seconds", "secrets", "scopes", "registered_workers", "open_connections", "calls_allowed", "calls_denied", "socket", "config", "sources", "pid", "audit", "dynamic")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SECRETS_FIELD_NUMBER: _ClassVar[int]
@@ -171,6 +171,7 @@ class StatusResponse(_message.Message):
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_seconds: int
     secrets: int
@@ -184,7 +185,20 @@ class StatusResponse(_message.Message):
     sources: _containers.RepeatedCompositeFieldContainer[SourceStatus]
     pid: int
     audit: AuditStatus
-    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[int] = ..., secrets: _Optional[int] = ..., scopes: _Optional[int] = ..., registered_workers: _Optional[int] = ..., open_connections: _Optional[int] = ..., calls_allowed: _Optional[int] = ..., calls_denied: _Optional[int] = ..., socket: _Optional[str] = ..., config: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[SourceStatus, _Mapping]]] = ..., pid: _Optional[int] = ..., audit: _Optional[_Union[AuditStatus, _Mapping]] = ...) -> None: ...
+    dynamic: _containers.RepeatedCompositeFieldContainer[DynamicSecretStatus]
+    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[int] = ..., secrets: _Optional[int] = ..., scopes: _Optional[int] = ..., registered_workers: _Optional[int] = ..., open_connections: _Optional[int] = ..., calls_allowed: _Optional[int] = ..., calls_denied: _Optional[int] = ..., socket: _Optional[str] = ..., config: _Optional[str] = ..., sources: _Optional[_Iterable[_Union[SourceStatus, _Mapping]]] = ..., pid: _Optional[int] = ..., audit: _Optional[_Union[AuditStatus, _Mapping]] = ..., dynamic: _Optional[_Iterable[_Union[DynamicSecretStatus, _Mapping]]] = ...) -> None: ...
+
+class DynamicSecretStatus(_message.Message):
+    __slots__ = ("name", "path", "held", "ttl_seconds")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    held: bool
+    ttl_seconds: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., held: _Optional[bool] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
 
 class ScanRequest(_message.Message):
     __slots__ = ()
