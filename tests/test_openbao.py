@@ -134,8 +134,8 @@ class Bao:
         return role_id
 
 
-@pytest.fixture
-def bao(sandbox: Sandbox, processes: Processes) -> Bao:
+def start_bao(sandbox: Sandbox, processes: Processes) -> Bao:
+    """A dev TLS server in the sandbox (the `bao` fixture; shared with test_dynamic.py)."""
     binary = find_bao()
     if binary is None:
         missing_prerequisite(
@@ -145,6 +145,11 @@ def bao(sandbox: Sandbox, processes: Processes) -> Bao:
     root = sandbox.root / "bao"
     root.mkdir(mode=0o700)
     return Bao(binary, root, processes)
+
+
+@pytest.fixture
+def bao(sandbox: Sandbox, processes: Processes) -> Bao:
+    return start_bao(sandbox, processes)
 
 
 def start_broker(

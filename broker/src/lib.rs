@@ -12,7 +12,6 @@ pub mod client;
 pub mod config;
 pub mod egress;
 pub mod filewatch;
-pub mod leases;
 pub mod name;
 pub mod openbao;
 pub mod peer;

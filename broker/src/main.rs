@@ -226,22 +226,21 @@ fn serve(
         .thread_name("secretd")
         .build()
         .context("failed to start the async runtime")?;
-    let (openbao_client, openbao_first) = match &config.openbao {
+    let (openbao_client, openbao_first, openbao_leases) = match &config.openbao {
         Some(cfg) => {
-            let (client, fetched) =
-                runtime
-                    .block_on(openbao::initial_fetch(cfg))
-                    .with_context(|| {
-                        format!(
-                            "[sources.{}] start-up fetch from {} failed (required = true)",
-                            cfg.section,
-                            cfg.addresses
-                                .iter()
-                                .map(|a| a.url.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        )
-                    })?;
+            let (client, fetched, leases) = runtime
+                .block_on(openbao::initial_fetch(cfg))
+                .with_context(|| {
+                    format!(
+                        "[sources.{}] start-up fetch from {} failed (required = true)",
+                        cfg.section,
+                        cfg.addresses
+                            .iter()
+                            .map(|a| a.url.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?;
             let first = if fetched.failures.is_empty() {
                 Ok(())
             } else {
@@ -255,9 +254,9 @@ fn serve(
             for (name, value) in fetched.values {
                 store.put(name, value, Origin::OpenBao);
             }
-            (Some(client), Some(first))
+            (Some(client), Some(first), leases)
         }
-        None => (None, None),
+        None => (None, None, Default::default()),
     };
     let listener = bind_socket(&socket, config.server.socket_mode)?;
     let counts = store.count_by_origin();
@@ -292,8 +291,9 @@ fn serve(
             broker.note_source(openbao::SOURCE, first);
         }
         let (control, inbox) = secretd::upstream::channel(broker.config());
-        openbao::Refresher::new(openbao_client, openbao_ok).spawn(Arc::clone(&broker) as _, inbox);
-        broker.set_upstream(control);
+        openbao::Refresher::new(openbao_client, openbao_ok, openbao_leases)
+            .spawn(Arc::clone(&broker) as _, inbox);
+        broker.set_upstream(control.clone());
         filewatch::spawn(Arc::clone(&broker));
         spawn_reload_on_sighup(Arc::clone(&broker))?;
         spawn_denial_summaries(Arc::clone(&broker));
@@ -309,6 +309,17 @@ fn serve(
                     .map_err(anyhow::Error::from)
             }
         };
+        // Dynamic credentials: revoke the leases held (`revoke_on_shutdown`), bounded so that
+        // an unreachable OpenBao cannot hold the shutdown (the leases then expire by TTL).
+        if tokio::time::timeout(SHUTDOWN_REVOKE_TIMEOUT, control.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "revoking dynamic secrets' leases took over {}s; leaving the rest to expire by their TTL",
+                SHUTDOWN_REVOKE_TIMEOUT.as_secs()
+            );
+        }
         broker.audit.denials.summarize(audit::SUMMARY_EVERY);
         // Every queued record is written; a failing or stalled disk gets the grace period.
         let audit = Arc::clone(&broker);
@@ -320,6 +331,9 @@ fn serve(
     tracing::info!("stopped");
     Ok(code)
 }
+
+/// Longest wait for lease revocation at shutdown.
+const SHUTDOWN_REVOKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 fn init_logging(config: &Config, rust_log: Option<&str>) {
     use tracing_subscriber::EnvFilter;

@@ -82,7 +82,7 @@ pub struct Broker {
     pub started: Instant,
     sources: Mutex<BTreeMap<&'static str, SourceHealth>>,
     /// The dynamic secrets' paths and lease ends, for Status (never a lease id or value).
-    dynamic: Mutex<Vec<crate::leases::DynamicStatus>>,
+    dynamic: Mutex<Vec<upstream::LeaseStatus>>,
     reload_lock: tokio::sync::Mutex<()>,
     /// The background source (`[sources.openbao]`), once started (see
     /// [`Broker::set_upstream`]): `refresh` and `reload` reach it through this link.
@@ -387,12 +387,7 @@ impl Broker {
         sources.entry(source).or_default().node = Some(node);
     }
 
-    /// Record the dynamic secrets' state (replacing the previous one).
-    pub fn note_dynamic(&self, status: Vec<crate::leases::DynamicStatus>) {
-        *self.dynamic.lock().unwrap_or_else(|e| e.into_inner()) = status;
-    }
-
-    pub fn dynamic_status(&self) -> Vec<crate::leases::DynamicStatus> {
+    pub fn dynamic_status(&self) -> Vec<upstream::LeaseStatus> {
         self.dynamic
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -443,6 +438,10 @@ impl SecretSink for Broker {
 
     fn note_node(&self, source: &'static str, node: NodeInUse) {
         self.note_node_in_use(source, node);
+    }
+
+    fn note_leases(&self, leases: Vec<upstream::LeaseStatus>) {
+        *self.dynamic.lock().unwrap_or_else(|e| e.into_inner()) = leases;
     }
 }
 

@@ -39,6 +39,16 @@ pub struct NodeInUse {
     pub failovers: u64,
 }
 
+/// A dynamic secret as Status shows it: never a lease id, never a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseStatus {
+    pub name: SecretName,
+    /// The path its leases are read from.
+    pub path: String,
+    /// When the lease behind the current value expires (`None`: none held).
+    pub expires: Option<std::time::Instant>,
+}
+
 /// Where a source delivers values and health. Implemented by the broker's state.
 pub trait SecretSink: Send + Sync + 'static {
     /// Apply one read of `origin`.
@@ -47,6 +57,8 @@ pub trait SecretSink: Send + Sync + 'static {
     fn note(&self, source: &'static str, result: Result<(), String>);
     /// Record which node the source talks to.
     fn note_node(&self, source: &'static str, node: NodeInUse);
+    /// Record the state of the source's dynamic secrets (replacing the previous one).
+    fn note_leases(&self, leases: Vec<LeaseStatus>);
 }
 
 /// A request to re-read now: all secrets, or only `only`. The answer is how many were read.
@@ -61,6 +73,7 @@ pub struct RefreshRequest {
 pub struct Control {
     refresh: mpsc::Sender<RefreshRequest>,
     config: Arc<watch::Sender<Arc<Config>>>,
+    shutdown: mpsc::Sender<oneshot::Sender<()>>,
 }
 
 /// The source's end.
@@ -69,6 +82,9 @@ pub struct Inbox {
     pub refresh: mpsc::Receiver<RefreshRequest>,
     /// The configuration in force; `changed()` fires after each reload (latest wins).
     pub config: watch::Receiver<Arc<Config>>,
+    /// The broker is stopping: release what the source holds upstream (revoke leases), answer,
+    /// and end.
+    pub shutdown: mpsc::Receiver<oneshot::Sender<()>>,
 }
 
 /// A connected pair, starting from the configuration in force.
@@ -76,14 +92,17 @@ pub fn channel(config: Arc<Config>) -> (Control, Inbox) {
     let (refresh_tx, refresh_rx) = mpsc::channel(16);
     let (config_tx, mut config_rx) = watch::channel(config);
     config_rx.mark_unchanged();
+    let (shutdown_tx, shutdown_rx) = mpsc::channel(1);
     (
         Control {
             refresh: refresh_tx,
             config: Arc::new(config_tx),
+            shutdown: shutdown_tx,
         },
         Inbox {
             refresh: refresh_rx,
             config: config_rx,
+            shutdown: shutdown_rx,
         },
     )
 }
@@ -104,6 +123,16 @@ impl Control {
     /// newest configuration however many reloads happened while it was busy.
     pub fn reconfigure(&self, config: Arc<Config>) {
         self.config.send_replace(config);
+    }
+
+    /// The broker is stopping: the source releases what it holds upstream (revokes its
+    /// leases) and ends. Returns when it has, or at once if it has already stopped; the caller
+    /// bounds the wait.
+    pub async fn shutdown(&self) {
+        let (reply, rx) = oneshot::channel();
+        if self.shutdown.send(reply).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 

@@ -65,13 +65,22 @@ pub enum KvRead {
 }
 
 /// A logical read that returned a lease (dynamic credentials). The lease id is held like a
-/// secret.
-#[derive(Debug)]
+/// secret; `data` holds credentials, so `Debug` shows only its keys.
 pub struct Lease {
     pub lease_id: SecretString,
     pub duration: Duration,
     pub renewable: bool,
     pub data: BTreeMap<String, serde_json::Value>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("duration", &self.duration)
+            .field("renewable", &self.renewable)
+            .field("keys", &self.data.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 /// A lease renewal: the TTL granted from now (may be less than asked, near the max TTL).

@@ -8,6 +8,8 @@
 //! - [`session`]: the authenticated [`Client`] — token upkeep, reading the mapped secrets, and
 //!   failing over between nodes.
 //! - [`nodes`]: the failover policy (which node, which failures move on); pure.
+//! - [`leases`]: dynamic credentials (`[sources.openbao.dynamic.NAME]`) — renewal, rotation,
+//!   revocation of leases, through the session's three lease calls.
 //! - [`api`]: the Vault HTTP API calls (KV v2, AppRole, token, leases); stateless.
 //! - [`transport`]: rustls + hyper connections to one node, one per cycle.
 //!
@@ -24,6 +26,7 @@
 //! - Values, tokens, secret ids and lease ids appear in no log line or error text.
 
 pub mod api;
+pub mod leases;
 pub mod nodes;
 pub mod scheduler;
 pub mod session;
@@ -73,6 +76,9 @@ pub enum OpenBaoError {
         mount: String,
         path: String,
     },
+    /// A dynamic secret could not be read or built (its own message names the secret and path).
+    #[error("{0}")]
+    Dynamic(String),
     #[error("secret {name}: {mount}/{path} has no key {key:?}")]
     MissingKey {
         name: SecretName,
@@ -82,30 +88,47 @@ pub enum OpenBaoError {
     },
 }
 
-/// Everything mapped, before READY. With `required`, any failure (no node reachable,
-/// certificate, login, a missing path or key) is returned; without it, what could be read is
-/// returned and the errors are logged (the refresher keeps retrying).
-pub async fn initial_fetch(cfg: &OpenBaoSource) -> Result<(Client, Fetched), OpenBaoError> {
+/// Everything mapped, and a first lease for every dynamic secret, before READY. With
+/// `required`, any failure (no node reachable, certificate, login, a missing path or key, a
+/// lease that cannot be read or whose data lacks a template key) is returned; without it, what
+/// could be read is returned and the errors are logged (the refresher keeps retrying).
+pub async fn initial_fetch(
+    cfg: &OpenBaoSource,
+) -> Result<(Client, Fetched, leases::Leases), OpenBaoError> {
     let mut client = Client::new(cfg.clone())?;
-    let fetched = match client.fetch(None).await {
-        Ok(f) => f,
-        Err(e) if !cfg.required => {
-            tracing::error!(error = %e, "[sources.{}] first fetch failed (required = false: starting without its secrets)", cfg.section);
-            Fetched {
-                values: Vec::new(),
-                failures: vec![e],
+    let mut fetched = if cfg.secrets.is_empty() {
+        Fetched::default()
+    } else {
+        match client.fetch(None).await {
+            Ok(f) => f,
+            Err(e) if !cfg.required => {
+                tracing::error!(error = %e, "[sources.{}] first fetch failed (required = false: starting without its secrets)", cfg.section);
+                Fetched {
+                    values: Vec::new(),
+                    failures: vec![e],
+                }
             }
+            Err(e) => return Err(e),
         }
-        Err(e) => return Err(e),
     };
     if cfg.required && !fetched.failures.is_empty() {
         let mut failures = fetched.failures;
         return Err(failures.swap_remove(0));
     }
+    let mut leases = leases::Leases::new(cfg.dynamic.clone());
+    let got = leases.acquire_all(&mut client).await;
+    if cfg.required
+        && let Some(first) = got.errors.into_iter().next()
+    {
+        // Nothing will use the leases read so far: give them back.
+        leases.revoke_all(&mut client).await;
+        return Err(OpenBaoError::Dynamic(first));
+    }
+    fetched.values.extend(got.values);
     for e in &fetched.failures {
         tracing::error!(error = %e, "[sources.{}] secret not read at start-up", cfg.section);
     }
-    Ok((client, fetched))
+    Ok((client, fetched, leases))
 }
 
 #[cfg(test)]

@@ -75,7 +75,8 @@ pub fn node_cannot_serve(e: &OpenBaoError) -> bool {
         | OpenBaoError::Decode { .. }
         | OpenBaoError::Credential { .. }
         | OpenBaoError::NotFound { .. }
-        | OpenBaoError::MissingKey { .. } => false,
+        | OpenBaoError::MissingKey { .. }
+        | OpenBaoError::Dynamic(_) => false,
     }
 }
 

@@ -13,7 +13,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::{OpenBaoError, SOURCE, session::Client};
+use super::{
+    OpenBaoError, SOURCE,
+    leases::{self, Leases},
+    session::Client,
+};
 use crate::{
     name::SecretName,
     store::Origin,
@@ -34,17 +38,20 @@ pub struct Refresher {
     /// is due while the server is down does not make the loop spin).
     token_hold: Instant,
     failures: u32,
+    /// The dynamic secrets and their leases.
+    leases: Leases,
 }
 
 impl Refresher {
     /// `client` is the one [`super::initial_fetch`] returned (if the source is configured);
     /// `ok` says whether that fetch fully succeeded (if not, the first retry comes after 1 s).
-    pub fn new(client: Option<Client>, ok: bool) -> Refresher {
+    pub fn new(client: Option<Client>, ok: bool, leases: Leases) -> Refresher {
         let mut r = Refresher {
             next: Instant::now(),
             token_hold: Instant::now(),
             client,
             failures: 0,
+            leases,
         };
         if ok {
             r.succeeded();
@@ -80,6 +87,7 @@ impl Refresher {
         if let Some(c) = &self.client {
             sink.note_node(SOURCE, c.node());
         }
+        sink.note_leases(self.leases.status());
         tokio::spawn(self.run(sink, inbox));
     }
 
@@ -87,17 +95,25 @@ impl Refresher {
         let mut config_open = true;
         loop {
             let far = Instant::now() + Duration::from_secs(24 * 3600);
-            let (refresh_at, token_at) = match &self.client {
+            let (refresh_at, token_at, leases_at) = match &self.client {
                 Some(c) => (
-                    self.next,
+                    // A source with only dynamic secrets has nothing to re-read.
+                    if c.config().secrets.is_empty() {
+                        far
+                    } else {
+                        self.next
+                    },
                     c.token_due().map_or(far, |due| due.max(self.token_hold)),
+                    self.leases.next_due().unwrap_or(far),
                 ),
-                None => (far, far),
+                None => (far, far, far),
             };
-            let wake = refresh_at.min(token_at);
+            let wake = refresh_at.min(token_at).min(leases_at);
             tokio::select! {
                 () = tokio::time::sleep_until(wake.into()) => {
-                    if Instant::now() >= refresh_at {
+                    if Instant::now() >= leases_at {
+                        self.tick_leases(&*sink).await;
+                    } else if Instant::now() >= refresh_at {
                         let _ = self.cycle(&*sink, None).await;
                     } else if let Some(c) = &mut self.client {
                         let r = c.maintain_token().await;
@@ -114,9 +130,21 @@ impl Refresher {
                 req = inbox.refresh.recv() => match req {
                     None => return,
                     Some(req) => {
-                        let r = self.cycle(&*sink, req.only.as_ref()).await;
+                        let r = self.refresh(&*sink, req.only.as_ref()).await;
                         let _ = req.reply.send(r);
                     }
+                },
+                reply = inbox.shutdown.recv() => {
+                    if let Some(c) = &mut self.client {
+                        let n = self.leases.revoke_all(c).await;
+                        if n > 0 {
+                            tracing::info!(revoked = n, "shutdown: dynamic secrets' leases revoked");
+                        }
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(());
+                    }
+                    return;
                 },
                 changed = inbox.config.changed(), if config_open => match changed {
                     Ok(()) => {
@@ -140,6 +168,11 @@ impl Refresher {
         match new {
             None => {
                 tracing::info!("[sources.openbao] removed by reload: dropping its secrets");
+                if let Some(c) = &mut self.client {
+                    self.leases.revoke_all(c).await;
+                }
+                self.leases = Leases::default();
+                sink.note_leases(Vec::new());
                 self.client = None;
                 sink.publish(
                     Origin::OpenBao,
@@ -152,8 +185,10 @@ impl Refresher {
             Some(cfg) => match Client::new(cfg) {
                 Ok(c) => {
                     tracing::info!("[sources.openbao] changed by reload: fetching again");
+                    self.leases.reconfigure(c.config().dynamic.clone());
                     self.client = Some(c);
                     let _ = self.cycle(sink, None).await;
+                    self.tick_leases(sink).await;
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "[sources.openbao] changed by reload but cannot be used; keeping the previous one");
@@ -161,6 +196,84 @@ impl Refresher {
                 }
             },
         }
+    }
+
+    /// `Admin.Refresh`: re-read the KV secrets (all, or `only`) and get new credentials for
+    /// the dynamic secrets (all, or `only`).
+    async fn refresh(
+        &mut self,
+        sink: &dyn SecretSink,
+        only: Option<&SecretName>,
+    ) -> Result<u64, String> {
+        let Some(client) = self.client.as_mut() else {
+            return Ok(0);
+        };
+        match only {
+            Some(name) if self.leases.provides(name) => {
+                let got = self.leases.rotate_now(client, Some(name)).await;
+                self.publish_leases(sink, got.map_err(|e| e.to_string()))
+            }
+            Some(_) => self.cycle(sink, only).await,
+            None => {
+                let kv = if client.config().secrets.is_empty() {
+                    Ok(0)
+                } else {
+                    self.cycle(sink, None).await
+                };
+                let Some(client) = self.client.as_mut() else {
+                    return kv;
+                };
+                let got = self.leases.rotate_now(client, None).await;
+                let dynamic = self.publish_leases(sink, got.map_err(|e| e.to_string()));
+                match (kv, dynamic) {
+                    (Ok(a), Ok(b)) => Ok(a + b),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Renewals, rotations and revocations that are due.
+    async fn tick_leases(&mut self, sink: &dyn SecretSink) {
+        let Some(client) = &mut self.client else {
+            return;
+        };
+        let got = self.leases.tick(client).await;
+        let _ = self.publish_leases(sink, Ok(got));
+    }
+
+    /// Publish new dynamic values (a new version each) and the leases' state.
+    fn publish_leases(
+        &mut self,
+        sink: &dyn SecretSink,
+        got: Result<leases::Outcome, String>,
+    ) -> Result<u64, String> {
+        let result = got.and_then(|out| {
+            let n = out.values.len() as u64;
+            if !out.values.is_empty() {
+                sink.publish(
+                    Origin::OpenBao,
+                    Update {
+                        values: out.values,
+                        provides: None,
+                    },
+                );
+            }
+            match out.errors.first() {
+                None => Ok(n),
+                Some(first) => Err(first.clone()),
+            }
+        });
+        sink.note_leases(self.leases.status());
+        if let Some(c) = &self.client {
+            sink.note_node(SOURCE, c.node());
+        }
+        match &result {
+            Ok(n) if *n > 0 => sink.note(SOURCE, Ok(())),
+            Ok(_) => {}
+            Err(e) => sink.note(SOURCE, Err(e.clone())),
+        }
+        result
     }
 
     /// One refresh: read, publish what was read (a changed value replaces and zeroizes the old
@@ -184,11 +297,11 @@ impl Refresher {
             Ok(fetched) => {
                 let n = fetched.values.len() as u64;
                 let provides = only.is_none().then(|| {
-                    client
-                        .config()
-                        .secrets
+                    let cfg = client.config();
+                    cfg.secrets
                         .iter()
                         .map(|m| m.name.clone())
+                        .chain(cfg.dynamic.iter().map(|d| d.name.clone()))
                         .collect()
                 });
                 sink.publish(
@@ -245,7 +358,7 @@ mod tests {
 
     #[test]
     fn backoff_doubles_up_to_the_refresh_interval() {
-        let mut r = Refresher::new(None, true);
+        let mut r = Refresher::new(None, true, Leases::default());
         let mut seen = Vec::new();
         for _ in 0..14 {
             r.failed();

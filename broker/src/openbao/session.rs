@@ -72,6 +72,51 @@ pub struct Fetched {
     pub failures: Vec<OpenBaoError>,
 }
 
+/// A call of the lease API ([`Client::lease_call`]).
+#[derive(Debug)]
+pub enum LeaseCall<'a> {
+    Read {
+        path: &'a str,
+    },
+    Renew {
+        lease_id: &'a SecretString,
+        increment: Duration,
+    },
+    Revoke {
+        lease_id: &'a SecretString,
+    },
+}
+
+/// Its answer.
+#[derive(Debug)]
+pub enum LeaseAnswer {
+    Read(api::Lease),
+    Renewed(api::Renewed),
+    Revoked,
+}
+
+impl LeaseCall<'_> {
+    async fn send(
+        &self,
+        conn: &mut Conn,
+        token: &SecretString,
+    ) -> Result<LeaseAnswer, OpenBaoError> {
+        Ok(match *self {
+            LeaseCall::Read { path } => {
+                LeaseAnswer::Read(api::read_lease(conn, token, path).await?)
+            }
+            LeaseCall::Renew {
+                lease_id,
+                increment,
+            } => LeaseAnswer::Renewed(api::renew_lease(conn, token, lease_id, increment).await?),
+            LeaseCall::Revoke { lease_id } => {
+                api::revoke_lease(conn, token, lease_id).await?;
+                LeaseAnswer::Revoked
+            }
+        })
+    }
+}
+
 /// An authenticated client for one `[sources.openbao]` configuration.
 pub struct Client {
     cfg: OpenBaoSource,
@@ -163,6 +208,44 @@ impl Client {
                 r => return r,
             }
             left -= 1;
+        }
+    }
+
+    /// One lease call (dynamic credentials) on the node in use, failing over like
+    /// [`Client::fetch`]; a 403 logs in again once and retries (a revoked or expired token).
+    pub async fn lease_call(&mut self, call: LeaseCall<'_>) -> Result<LeaseAnswer, OpenBaoError> {
+        let mut left = self.nodes.len();
+        loop {
+            let ep = self.nodes.current().clone();
+            let result = match ep.connect().await {
+                Ok(mut conn) => {
+                    let r = self.lease_call_on(&mut conn, &call).await;
+                    conn.close().await;
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e) if left > 1 && node_cannot_serve(&e) => self.next_node(&e),
+                r => return r,
+            }
+            left -= 1;
+        }
+    }
+
+    async fn lease_call_on(
+        &mut self,
+        conn: &mut Conn,
+        call: &LeaseCall<'_>,
+    ) -> Result<LeaseAnswer, OpenBaoError> {
+        self.ensure_token(conn).await?;
+        match call.send(conn, self.token()?).await {
+            Err(OpenBaoError::Status { status: 403, .. }) => {
+                self.token = None;
+                self.login(conn).await?;
+                call.send(conn, self.token()?).await
+            }
+            r => r,
         }
     }
 

@@ -36,9 +36,15 @@ use std::{
 
 use secrecy::{SecretBox, SecretString};
 
+use super::{
+    OpenBaoError,
+    api::{Lease, Renewed},
+    session::{Client, LeaseAnswer, LeaseCall},
+};
 use crate::{
     config::{DynamicSecret, Part},
     name::SecretName,
+    upstream::LeaseStatus,
 };
 
 /// Shortest wait between failed attempts on one secret.
@@ -46,47 +52,68 @@ const MIN_RETRY: Duration = Duration::from_secs(1);
 /// Longest wait between failed attempts on one secret.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
-/// A lease as the server issued it. The id is held like a secret; `data` holds the
-/// credentials (freed, and so wiped by [`crate::alloc`], when dropped).
-pub struct Issued {
-    pub lease_id: SecretString,
-    pub ttl: Duration,
-    pub renewable: bool,
-    pub data: BTreeMap<String, serde_json::Value>,
-}
-
-impl std::fmt::Debug for Issued {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Issued")
-            .field("ttl", &self.ttl)
-            .field("renewable", &self.renewable)
-            .field("keys", &self.data.keys().collect::<Vec<_>>())
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a renewal granted, counted from the moment it was asked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Renewal {
-    pub ttl: Duration,
-    pub renewable: bool,
-}
-
 /// The three OpenBao calls this module needs. Errors are the server's or the transport's, as
 /// one line that never holds a lease id or a value.
 pub trait LeaseApi {
     /// Read `path` (e.g. `database/creds/orders`): a new lease.
-    fn read(&mut self, path: &str) -> impl Future<Output = Result<Issued, String>> + Send;
+    fn read(&mut self, path: &str) -> impl Future<Output = Result<Lease, String>> + Send;
     /// Ask for `increment` more from now (the server may grant less).
     fn renew(
         &mut self,
         lease_id: &SecretString,
         increment: Duration,
-    ) -> impl Future<Output = Result<Renewal, String>> + Send;
+    ) -> impl Future<Output = Result<Renewed, String>> + Send;
     fn revoke(
         &mut self,
         lease_id: &SecretString,
     ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// The real thing: the session's lease calls, on the node in use.
+impl LeaseApi for Client {
+    async fn read(&mut self, path: &str) -> Result<Lease, String> {
+        match self.lease_call(LeaseCall::Read { path }).await {
+            Ok(LeaseAnswer::Read(l)) => Ok(l),
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn renew(
+        &mut self,
+        lease_id: &SecretString,
+        increment: Duration,
+    ) -> Result<Renewed, String> {
+        match self
+            .lease_call(LeaseCall::Renew {
+                lease_id,
+                increment,
+            })
+            .await
+        {
+            Ok(LeaseAnswer::Renewed(r)) => Ok(r),
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn revoke(&mut self, lease_id: &SecretString) -> Result<(), String> {
+        match self.lease_call(LeaseCall::Revoke { lease_id }).await {
+            Ok(LeaseAnswer::Revoked) => Ok(()),
+            Ok(_) => Err(unexpected()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+fn unexpected() -> String {
+    "the lease call got an answer of another kind".to_owned()
+}
+
+impl From<DynamicError> for OpenBaoError {
+    fn from(e: DynamicError) -> OpenBaoError {
+        OpenBaoError::Dynamic(e.to_string())
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -227,15 +254,6 @@ struct Retiring {
     failures: u32,
 }
 
-/// One secret's status line: never the lease id, never the value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DynamicStatus {
-    pub name: SecretName,
-    pub path: String,
-    /// When the lease behind the current value expires (`None`: none held).
-    pub expires: Option<Instant>,
-}
-
 /// What a pass over the leases produced, for the caller to publish and log.
 #[derive(Debug, Default)]
 pub struct Outcome {
@@ -350,13 +368,13 @@ impl Leases {
         let now = Instant::now();
         match result {
             Ok((lease, value)) => {
-                let expires = now + lease.ttl;
+                let expires = now + lease.duration;
                 let at_max = !lease.renewable;
                 let held = Held {
                     next: plan(now, now, expires, lease.renewable, at_max, d.rotate_before),
                     lease_id: lease.lease_id,
                     issued: now,
-                    issued_ttl: lease.ttl,
+                    issued_ttl: lease.duration,
                     renewable: lease.renewable,
                     expires,
                     at_max,
@@ -373,7 +391,7 @@ impl Leases {
                         failures: 0,
                     });
                 }
-                tracing::info!(secret = %name, path = %d.path, ttl = ?lease.ttl, renewable = lease.renewable, "dynamic secret: new credentials");
+                tracing::info!(secret = %name, path = %d.path, ttl = ?lease.duration, renewable = lease.renewable, "dynamic secret: new credentials");
                 out.values.push((name.clone(), value));
                 // `lease.data` (the credentials as JSON) is dropped here.
             }
@@ -449,9 +467,9 @@ impl Leases {
         let now = Instant::now();
         match api.renew(&h.lease_id, asked).await {
             Ok(r) => {
-                h.expires = now + r.ttl;
+                h.expires = now + r.duration;
                 h.renewable = r.renewable;
-                h.at_max = !r.renewable || r.ttl < asked;
+                h.at_max = !r.renewable || r.duration < asked;
                 h.next = plan(
                     h.issued,
                     now,
@@ -461,7 +479,7 @@ impl Leases {
                     rotate_before,
                 );
                 h.failures = 0;
-                tracing::debug!(secret = %name, ttl = ?r.ttl, at_max = h.at_max, "dynamic secret: lease renewed");
+                tracing::debug!(secret = %name, ttl = ?r.duration, at_max = h.at_max, "dynamic secret: lease renewed");
                 true
             }
             Err(reason) => {
@@ -555,10 +573,10 @@ impl Leases {
     }
 
     /// Path and time left for each secret, for Status.
-    pub fn status(&self) -> Vec<DynamicStatus> {
+    pub fn status(&self) -> Vec<LeaseStatus> {
         self.secrets
             .iter()
-            .map(|d| DynamicStatus {
+            .map(|d| LeaseStatus {
                 name: d.name.clone(),
                 path: d.path.clone(),
                 expires: self.held.get(&d.name).map(|h| h.expires),
