@@ -17,10 +17,10 @@ VENV       := $(CURDIR)/.venv
 PY         := $(VENV)/bin/python
 export SECRETD_BIN_DIR := $(BIN_DIR)
 
-.PHONY: help build venv test test-rust test-py test-e2e lint demo bench proto-py clean image
+.PHONY: help build venv test test-rust test-py test-e2e lint demo demo-dynamic bench proto-py clean image
 
 help:
-	@echo "targets: demo test lint bench build venv proto-py clean"
+	@echo "targets: demo demo-dynamic test lint bench build venv proto-py clean"
 
 ## build: the whole workspace, once, in one profile (every test layer reuses it)
 build:
@@ -60,6 +60,10 @@ lint: venv
 
 demo: build venv
 	$(PY) demo/demo.py
+
+## demo-dynamic: dynamic PostgreSQL credentials from OpenBao, rotated into a running function
+demo-dynamic: build venv
+	$(PY) demo/dynamic_demo.py
 
 ## bench: release build, then every benchmark side by side; prints a table, writes bench/RESULTS.md
 ##        (BASELINE=/path/to/older/secretd adds that build to the interleaved latency runs)

@@ -49,6 +49,9 @@ class FollowingPool:
 
     def __init__(self, name: str, client: secretd.Client | None = None) -> None:
         self._name = name
+        # A client made here is closed by `close()`, which ends the watch; a client passed in
+        # is the caller's to close (the watch thread, a daemon, ends with it).
+        self._owns_client = client is None
         self._client = client or secretd.Client()
         self._cond = threading.Condition()
         self._conn: psycopg.Connection[Any] | None = None
@@ -146,7 +149,8 @@ class FollowingPool:
             self._cond.notify_all()
         for c in conns:
             c.close()
-        self._watch.close()
+        if self._owns_client:
+            self._client.close()
 
 
 def main() -> int:
