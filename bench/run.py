@@ -626,6 +626,7 @@ def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
         ("rotation", "bench/rotation.py"),
         ("container", "bench/container.py"),
         ("openbao_ha", "bench/openbao_ha.py"),
+        ("dynamic", "bench/dynamic.py"),
     ]:
         part = r.get(key, {})
         if "missing" in part:
@@ -636,7 +637,7 @@ def write_results(path: Path, r: dict[str, Any], text_table: str) -> None:
         {
             k: v
             for k, v in r.items()
-            if k not in ("shim", "client_latency", "rotation", "container", "openbao_ha")
+            if k not in ("shim", "client_latency", "rotation", "container", "openbao_ha", "dynamic")
         },
         indent=2,
     )
@@ -721,10 +722,12 @@ def main() -> int:
         print("bench: openbao_ha.py (3-node cluster failover, cycle cost) …", file=sys.stderr)
         ha_args = ["--baseline", args.baseline] if args.baseline else []
         r["openbao_ha"] = run_optional(HERE / "openbao_ha.py", ha_args, timeout=2400)
+        print("bench: dynamic.py (dynamic PostgreSQL credentials) …", file=sys.stderr)
+        r["dynamic"] = run_optional(HERE / "dynamic.py", [])
 
     text = render(table(r))
     print(text)
-    for key in ("shim", "client_latency", "rotation", "container", "openbao_ha"):
+    for key in ("shim", "client_latency", "rotation", "container", "openbao_ha", "dynamic"):
         part = r.get(key, {})
         if "missing" in part:
             print(f"\n({part['missing']} not present: skipped)")

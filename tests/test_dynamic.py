@@ -135,6 +135,7 @@ def start_broker(
     revoke_grace: str = "3s",
     revoke_on_shutdown: bool = True,
     configure: bool = True,
+    extra_config: str = "",
 ) -> Broker:
     secret_id = sandbox.root / "secret-id"
     if configure:
@@ -176,7 +177,7 @@ revoke_on_shutdown = {str(revoke_on_shutdown).lower()}
 name = "me"
 uid = {uid}
 secrets = ["ORDERS_DB"]
-"""
+{extra_config}"""
     )
     broker = Broker(bins, sandbox, processes, {})
     broker.start()
