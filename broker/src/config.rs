@@ -1980,7 +1980,68 @@ SHARED_CACHE = "shared/cache#url"
             ),
             (
                 good.replace("mount = \"kv\"\n", "mount = \"kv\"\ntimeout = 3\n"),
-                "5:1: unknown key `timeout` in [sources.openbao], expected one of `address`, `ca_file`, `mount`, `refresh`, `required`, `auth`, `secrets`".into(),
+                "5:1: unknown key `timeout` in [sources.openbao], expected one of `address`, `ca_file`, `mount`, `refresh`, `required`, `auth`, `secrets`, `dynamic`".into(),
+            ),
+        ];
+        for (text, want) in cases {
+            let got = match parse(&text) {
+                Ok(_) => panic!("accepted:\n{text}"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                got.starts_with(&format!("{PATH}:{want}")),
+                "got {got}\nwant {want}\nconfig:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn openbao_dynamic_secrets_and_their_errors() {
+        let (_dir, ca, cred) = openbao_files();
+        let good = format!(
+            "{}\n[sources.openbao.dynamic.APP_DB]\npath = \"database/creds/app\"\ntemplate = \"postgresql://{{{{username}}}}:{{{{password}}}}@db/app\"\nrotate_before = \"2m\"\n",
+            openbao_text(&ca, &cred, "openbao")
+        );
+        let c = parse(&good).unwrap();
+        let d = &c.openbao.as_ref().unwrap().dynamic[0];
+        assert_eq!(d.name.as_str(), "APP_DB");
+        assert_eq!(d.path, "database/creds/app");
+        assert_eq!(
+            d.template.keys().collect::<Vec<_>>(),
+            ["username", "password"]
+        );
+        assert_eq!(d.rotate_before, Duration::from_secs(120));
+        assert_eq!(d.revoke_grace, Duration::from_secs(60));
+        assert!(d.revoke_on_shutdown);
+        // Dynamic only: no [sources.openbao.secrets] needed.
+        let start = good.find("[sources.openbao.secrets]").unwrap();
+        let end = good.find("[sources.openbao.dynamic").unwrap();
+        let only_dynamic = format!("{}{}", &good[..start], &good[end..]);
+        assert!(parse(&only_dynamic).is_ok());
+        let cases: Vec<(String, &str)> = vec![
+            (
+                good.replace("{{password}}@", "{{password@"),
+                "18:12: `template` in [sources.openbao.dynamic.APP_DB]: `{{` without a closing `}}`",
+            ),
+            (
+                good.replace("@db/app", "@db/app}}"),
+                "18:12: `template` in [sources.openbao.dynamic.APP_DB]: `}}` without an opening `{{`",
+            ),
+            (
+                good.replace("rotate_before = \"2m\"", "rotate_before = \"soon\""),
+                "19:17: `rotate_before` in [sources.openbao.dynamic.APP_DB]: expected a duration",
+            ),
+            (
+                good.replace("database/creds/app", "/database/creds/app"),
+                "17:8: `path` in [sources.openbao.dynamic.APP_DB]: \"/database/creds/app\" must be a path like",
+            ),
+            (
+                good.replace("APP_DB]", "ORDERS_DB]"),
+                "13:13: `ORDERS_DB` in [sources.openbao.secrets]: ORDERS_DB is also a [sources.openbao.dynamic] secret: give it once",
+            ),
+            (
+                good.replace("rotate_before", "rotate_after"),
+                "19:1: unknown key `rotate_after`",
             ),
         ];
         for (text, want) in cases {

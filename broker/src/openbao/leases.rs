@@ -657,6 +657,29 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_debugs_without_its_id_or_credentials() {
+        let lease = Lease {
+            lease_id: SecretString::from("database/creds/orders/LEASEIDLEASEID"),
+            duration: Duration::from_secs(60),
+            renewable: true,
+            data: data(&[
+                ("username", "v-user-1".into()),
+                ("password", "hunter2".into()),
+            ]),
+        };
+        let text = format!("{lease:?}");
+        assert!(text.contains("\"password\""), "{text}");
+        for secret in ["LEASEIDLEASEID", "hunter2", "v-user-1"] {
+            assert!(!text.contains(secret), "{text}");
+        }
+        let leases = Leases::new(vec![secret("{{username}}")]);
+        assert!(
+            !format!("{leases:?}").contains("database/creds"),
+            "names and counts only"
+        );
+    }
+
+    #[test]
     fn renewable_leases_are_renewed_at_two_thirds_of_their_ttl() {
         let t0 = Instant::now();
         let s = Duration::from_secs;

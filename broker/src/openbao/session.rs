@@ -553,6 +553,7 @@ mod tests {
                 path: "apps/orders".into(),
                 key: "db".into(),
             }],
+            dynamic: Vec::new(),
         }
     }
 
