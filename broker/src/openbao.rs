@@ -226,8 +226,8 @@ impl Client {
             reason,
         };
         let mut roots = rustls::RootCertStore::empty();
-        let certs = CertificateDer::pem_file_iter(&cfg.ca_file)
-            .map_err(|e| ca_err(e.to_string()))?
+        let pem = crate::config::read_ca_file(&cfg.ca_file).map_err(ca_err)?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ca_err(e.to_string()))?;
         if certs.is_empty() {
@@ -767,8 +767,9 @@ fn read_credential(path: &std::path::Path) -> Result<SecretString, OpenBaoError>
         path: path.display().to_string(),
         reason,
     };
-    crate::config::check_credential_file(path).map_err(err)?;
-    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
+    let mut file = crate::config::open_credential_file(path).map_err(err)?;
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(4096));
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| err(e.to_string()))?;
     let text = std::str::from_utf8(&bytes).map_err(|_| err("not UTF-8 text".to_owned()))?;
     let text = text.trim();
     if text.is_empty() {
