@@ -164,6 +164,17 @@ fn fifo_socket_and_directory_are_refused_without_blocking() {
     );
 }
 
+/// The race of a FIFO swapped in after the `lstat` said "regular file": the open itself must
+/// not wait for a writer, and the descriptor then says what it really is.
+#[test]
+fn the_open_never_waits_for_a_fifo_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("SWAPPED");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let file = open_nofollow(&fifo, false).unwrap();
+    assert_eq!(kind(&file.metadata().unwrap()), "FIFO");
+}
+
 #[test]
 fn missing_file_is_not_found() {
     let e = Trust::process()
