@@ -106,10 +106,22 @@ pub fn read_files(dirs: &[PathBuf]) -> Result<Secrets, SourceError> {
 }
 
 /// What `secretd check` says about the file sources: every directory and file is judged as
-/// [`read_files`] would, no value is read. Returns one warning line per skipped entry.
+/// [`read_files`] would, no value is read. Returns one warning line per skipped entry. A
+/// directory that does not exist here is a warning, not an error: a config is often checked
+/// on another machine than the one that serves it (`serve` still refuses to start without it).
 pub fn check_files(dirs: &[PathBuf]) -> Result<Vec<String>, SourceError> {
     let mut warnings = Vec::new();
-    walk(dirs, &mut |_, _, _| Ok(()), &mut |w| warnings.push(w))?;
+    let mut present = Vec::new();
+    for dir in dirs {
+        match std::fs::symlink_metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => warnings.push(format!(
+                "{}: does not exist here; `serve` refuses to start without it",
+                dir.display()
+            )),
+            _ => present.push(dir.clone()),
+        }
+    }
+    walk(&present, &mut |_, _, _| Ok(()), &mut |w| warnings.push(w))?;
     Ok(warnings)
 }
 
@@ -233,6 +245,42 @@ mod tests {
                 ("plain".to_owned(), b"v".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn untrusted_dirs_are_errors_and_odd_entries_warnings() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("KEY"), b"v").unwrap();
+        nix::unistd::mkfifo(
+            &dir.path().join("PIPE"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("OUT")).unwrap();
+        let missing = PathBuf::from("/nonexistent/secretd");
+        let warnings = check_files(&[missing, dir.path().to_owned()]).unwrap();
+        let d = dir.path().display();
+        assert_eq!(
+            warnings,
+            [
+                "/nonexistent/secretd: does not exist here; `serve` refuses to start without it"
+                    .to_owned(),
+                format!("{d}/OUT: symlink to /etc/passwd leads outside {d}; not followed"),
+                format!("{d}/PIPE: not a regular file (FIFO); skipped"),
+            ]
+        );
+        let got = read_files(&[dir.path().to_owned()]).unwrap();
+        assert_eq!(got.len(), 1);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = read_files(&[dir.path().to_owned()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, format!("{d}: writable by group/other (mode 0777)"));
+        let e = check_files(&[dir.path().to_owned()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, format!("{d}: writable by group/other (mode 0777)"));
     }
 
     #[test]

@@ -326,7 +326,7 @@ fn write_bits_on_a_read_only_mount_are_not_counted() {
     assert!(is_root(), "needs root: run `make test` as root");
     let src = kubernetes_volume();
     let data = src.path().join("..2026_12_01_00_00_00.1");
-    std::os::unix::fs::chown(&data.join("DB_URL"), Some(0), Some(2000)).unwrap();
+    std::os::unix::fs::chown(data.join("DB_URL"), Some(0), Some(2000)).unwrap();
     chmod(&data.join("DB_URL"), 0o664);
     chmod(src.path(), 0o3777);
     let mnt = tempfile::tempdir().unwrap();
