@@ -148,13 +148,19 @@ impl<U: Message + Default> Decoder for StrictDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        // prost's error can quote numbers read from the input: leave it out.
-        U::decode(buf).map(Some).map_err(|_| {
-            let name = std::any::type_name::<U>();
-            let name = name.rsplit("::").next().unwrap_or(name);
-            Status::invalid_argument(format!("{MALFORMED}: not a valid {name}"))
-        })
+        decode_strict(buf).map(Some)
     }
+}
+
+/// What [`StrictDecoder`] does with a message's bytes, for any buffer (the fuzz target
+/// `codec_decode` calls it directly): prost's decoding, with a [`MALFORMED`] error.
+pub fn decode_strict<U: Message + Default>(buf: impl prost::bytes::Buf) -> Result<U, Status> {
+    // prost's error can quote numbers read from the input: leave it out.
+    U::decode(buf).map_err(|_| {
+        let name = std::any::type_name::<U>();
+        let name = name.rsplit("::").next().unwrap_or(name);
+        Status::invalid_argument(format!("{MALFORMED}: not a valid {name}"))
+    })
 }
 
 /// The encoder of [`SecretdCodec`].
