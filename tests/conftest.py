@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
 from harness import (
     DEFAULT_SCOPES,
+    NEEDS_ROOT,
     Binaries,
     Broker,
     BrokerFactory,
@@ -21,15 +21,24 @@ from harness import (
     broker_config,
     client_source_dir,
     find_bin_dir,
+    is_root,
+    missing,
     world_runnable,
 )
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", f"needs_root: {NEEDS_ROOT}")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("needs_root") is not None and not is_root():
+        missing(NEEDS_ROOT)
+
+
 def _missing(what: str) -> None:
     # In CI a missing build is a failure, not a skip: `make test` builds before it tests.
-    if os.environ.get("CI"):
-        pytest.fail(f"{what} (CI must build before testing)")
-    pytest.skip(what)
+    missing(what)
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import pytest
 
@@ -55,18 +55,20 @@ def is_root() -> bool:
     return os.geteuid() == 0
 
 
-needs_root = pytest.mark.skipif(
-    not is_root(),
-    reason="needs root: other uids, admin registration, a non-dumpable broker's /proc files",
-)
+NEEDS_ROOT = "needs root: other uids, admin registration, a non-dumpable broker's /proc files"
 
 
-def missing_prerequisite(what: str) -> None:
-    """A prerequisite (a server binary, a package) is missing: under CI that is a failure,
-    elsewhere a visible skip with the reason."""
+def missing(reason: str) -> NoReturn:
+    """A prerequisite is missing: under CI (where nothing may quietly not run) the test fails;
+    elsewhere it is skipped, and `-ra` lists it with its reason in the summary."""
     if os.environ.get("CI"):
-        pytest.fail(f"{what} (CI must provide it)")
-    pytest.skip(what)
+        pytest.fail(f"{reason} (CI: a test that cannot run is a failure, not a skip)")
+    pytest.skip(reason)
+
+
+# Decided per test at setup by tests/conftest.py (`missing(NEEDS_ROOT)` when not root), so that
+# CI=true without root fails instead of skipping.
+needs_root = pytest.mark.needs_root
 
 
 def find_bin_dir() -> Path | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from harness import Binaries, Broker, BrokerError, Processes, Sandbox, missing_prerequisite
+from harness import Binaries, Broker, BrokerError, Processes, Sandbox, missing
 from postgres import Postgres, find_pg_bin
 from test_openbao import Bao, next_in_thread, start_bao
 
@@ -43,7 +43,7 @@ GENERATED = "v-"
 def pg() -> Iterator[Postgres]:
     bindir = find_pg_bin()
     if bindir is None:
-        missing_prerequisite(
+        missing(
             "no PostgreSQL server binaries (Debian's `postgresql` package; `.ci/run` installs it)"
         )
     assert bindir is not None

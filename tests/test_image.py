@@ -77,7 +77,7 @@ def _docker0_exists() -> bool:
 @pytest.fixture(scope="session")
 def engine() -> Iterator[Engine]:
     if os.geteuid() != 0:
-        pytest.skip("needs root: a private dockerd and /proc of container processes")
+        _missing("needs root: a private dockerd and /proc of container processes")
     missing = missing_prerequisites()
     if missing:
         _missing("not installed: " + ", ".join(missing))

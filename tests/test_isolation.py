@@ -6,7 +6,6 @@ import errno
 import json
 from pathlib import Path
 
-import pytest
 from harness import (
     BUSYBOX,
     NOBODY_UID,
@@ -14,6 +13,7 @@ from harness import (
     Broker,
     HostSecrets,
     leaked_values,
+    missing,
     needs_root,
     run_as,
 )
@@ -59,7 +59,7 @@ def test_busybox_cat_of_broker_environ_is_refused(
     broker: Broker, host_secrets: HostSecrets
 ) -> None:
     if not BUSYBOX.exists():
-        pytest.skip("busybox-static is not installed (.ci/run installs it)")
+        missing("busybox-static is not installed (.ci/run installs it)")
     result = run_as(NOBODY_UID, [str(BUSYBOX), "cat", f"/proc/{broker.pid}/environ"])
     assert result.returncode != 0
     assert b"Permission denied" in result.stderr, result.stderr

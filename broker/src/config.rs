@@ -43,6 +43,7 @@ use std::time::Duration;
 use std::{fs, io};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use secretd_trust::{Trust, TrustError};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -338,6 +339,9 @@ pub enum ConfigError {
     /// The file could not be read (absent, unreadable, not UTF-8).
     #[error("{}: failed to read: {error}", path.display())]
     Read { path: PathBuf, error: io::Error },
+    /// The file is not trusted: an unprivileged uid could have written it (contract §7).
+    #[error("{0}")]
+    Untrusted(secretd_trust::TrustError),
     /// The file was read but is not a valid configuration.
     #[error("{}:{line}:{column}: {message}", path.display())]
     Invalid {
@@ -346,6 +350,23 @@ pub enum ConfigError {
         column: usize,
         message: String,
     },
+}
+
+/// The config decides who gets what: it is read only when trusted (`secretd_trust`: owned by
+/// root or the broker's own uid, not writable by group/other, nor any directory above it),
+/// judged on the opened descriptor.
+fn read_trusted(path: &Path) -> Result<String, ConfigError> {
+    let read = |error| ConfigError::Read {
+        path: path.to_owned(),
+        error,
+    };
+    let mut file = Trust::process().open_file(path).map_err(|e| match e {
+        TrustError::Open { source, .. } => read(source),
+        untrusted => ConfigError::Untrusted(untrusted),
+    })?;
+    let mut text = String::new();
+    io::Read::read_to_string(&mut file, &mut text).map_err(read)?;
+    Ok(text)
 }
 
 impl Config {
@@ -381,24 +402,22 @@ impl Config {
         raw.validate(&doc, etc)
     }
 
-    /// Read and parse `path`.
+    /// Read and parse `path`, which must be trusted (see [`read_trusted`]).
     pub fn load(path: &Path, etc: &Path) -> Result<Config, ConfigError> {
-        let text = fs::read_to_string(path).map_err(|error| ConfigError::Read {
-            path: path.to_owned(),
-            error,
-        })?;
+        let text = read_trusted(path)?;
         Config::parse(&text, path, etc)
     }
 
     /// `explicit == false` and the file is absent → `defaults()`; explicit and absent → error.
     pub fn load_or_default(path: &Path, explicit: bool, etc: &Path) -> Result<Config, ConfigError> {
-        match fs::read_to_string(path) {
+        match read_trusted(path) {
             Ok(text) => Config::parse(&text, path, etc),
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !explicit => Ok(Config::defaults()),
-            Err(error) => Err(ConfigError::Read {
-                path: path.to_owned(),
-                error,
-            }),
+            Err(ConfigError::Read { error, .. })
+                if error.kind() == io::ErrorKind::NotFound && !explicit =>
+            {
+                Ok(Config::defaults())
+            }
+            Err(e) => Err(e),
         }
     }
 
@@ -1109,7 +1128,7 @@ fn kv_segment_path(s: &str) -> Result<(), String> {
 }
 
 fn check_ca_file(path: &Path) -> Result<(), String> {
-    let pem = fs::read(path).map_err(|e| format!("failed to read {}: {e}", path.display()))?;
+    let pem = read_ca_file(path)?;
     let mut count = 0;
     for cert in
         <rustls_pki_types::CertificateDer<'_> as rustls_pki_types::pem::PemObject>::pem_slice_iter(
@@ -1125,30 +1144,28 @@ fn check_ca_file(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// A file holding a credential: a regular file owned by root (or by the broker's own uid, for
-/// an unprivileged broker), not accessible to group or others.
+/// The CA bundle decides whom the broker believes to be OpenBao: trusted like the config.
+pub fn read_ca_file(path: &Path) -> Result<Vec<u8>, String> {
+    let mut file = Trust::process()
+        .open_file(path)
+        .map_err(|e| e.to_string())?;
+    let mut pem = Vec::new();
+    io::Read::read_to_end(&mut file, &mut pem)
+        .map_err(|e| format!("failed to read {}: {e}", path.display()))?;
+    Ok(pem)
+}
+
+/// A file holding a credential, opened: trusted (see [`read_trusted`]) and not accessible to
+/// group or others at all.
+pub fn open_credential_file(path: &Path) -> Result<fs::File, String> {
+    Trust::process()
+        .open_private_file(path)
+        .map_err(|e| e.to_string())
+}
+
+/// [`open_credential_file`], for validation.
 pub fn check_credential_file(path: &Path) -> Result<(), String> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = fs::metadata(path).map_err(|e| format!("failed to read {}: {e}", path.display()))?;
-    if !meta.is_file() {
-        return Err(format!("{} is not a regular file", path.display()));
-    }
-    let me = nix::unistd::geteuid().as_raw();
-    if meta.uid() != 0 && meta.uid() != me {
-        return Err(format!(
-            "{} is owned by uid {}: a credential file must be owned by root",
-            path.display(),
-            meta.uid()
-        ));
-    }
-    if meta.mode() & 0o077 != 0 {
-        return Err(format!(
-            "{} has mode {:04o}: a credential file must not be accessible to group or others (chmod 0600)",
-            path.display(),
-            meta.mode() & 0o7777
-        ));
-    }
-    Ok(())
+    open_credential_file(path).map(drop)
 }
 
 impl RawScope {
@@ -1937,7 +1954,7 @@ SHARED_CACHE = "shared/cache#url"
             ),
             (
                 good.replace(&ca.display().to_string(), "/nonexistent/ca.pem"),
-                "3:11: `ca_file` in [sources.openbao]: failed to read /nonexistent/ca.pem: No such file or directory (os error 2)".into(),
+                "3:11: `ca_file` in [sources.openbao]: /nonexistent/ca.pem: No such file or directory".into(),
             ),
             (
                 good.replace(&ca.display().to_string(), &cred.display().to_string()),
@@ -1954,7 +1971,7 @@ SHARED_CACHE = "shared/cache#url"
             (
                 good.replace(&cred.display().to_string(), &open.display().to_string()),
                 format!(
-                    "10:18: `secret_id_file` in [sources.openbao.auth]: {} has mode 0640: a credential file must not be accessible to group or others (chmod 0600)",
+                    "10:18: `secret_id_file` in [sources.openbao.auth]: {}: accessible to group/other (mode 0640): a credential file must be 0600 or 0400",
                     open.display()
                 ),
             ),

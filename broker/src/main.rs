@@ -160,6 +160,19 @@ fn check(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     match Config::load_or_default(&path, explicit, std::path::Path::new("/etc")) {
         Ok(config) => {
             print!("{}", config.summary());
+            // The file sources are judged as `serve` would (trust, symlinks, FIFOs); no value
+            // is read.
+            match secretd::sources::check_files(&config.files.dirs) {
+                Ok(warnings) => {
+                    for w in warnings {
+                        println!("warning: {w}");
+                    }
+                }
+                Err(e) => {
+                    eprintln!("secretd: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
             println!("config OK");
             Ok(ExitCode::SUCCESS)
         }
@@ -277,7 +290,7 @@ fn serve(
     };
     let result = runtime.block_on(async move {
         let registry = Registry::new(state::state_path_for(&socket), proc.clone());
-        let kept = registry.load();
+        let kept = registry.load()?;
         if !kept.is_empty() {
             tracing::info!(count = kept.len(), "restored worker registrations");
         }

@@ -22,6 +22,7 @@ use std::{
     },
 };
 
+use secretd_trust::{Trust, TrustError};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -238,37 +239,33 @@ impl Registry {
     }
 
     /// Load registrations left by a previous broker. Entries whose process is gone, or whose pid
-    /// now belongs to a different process (start time differs), are dropped. A state file not
-    /// owned by us or writable by others is ignored.
-    pub fn load(self: &Arc<Self>) -> Vec<Registration> {
-        use std::os::unix::fs::MetadataExt;
-        let meta = match std::fs::symlink_metadata(&self.state_path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Vec::new(),
-            Err(e) => {
-                tracing::warn!(path = %self.state_path.display(), error = %e, "cannot read the registration state file");
-                return Vec::new();
+    /// now belongs to a different process (start time differs), are dropped; an unreadable or
+    /// garbled file is ignored with a warning. A state file that is not trusted — not owned by
+    /// root or us, accessible to group/other, in a directory others can write (contract §7) —
+    /// is an error: the registrations in it may have been planted.
+    pub fn load(self: &Arc<Self>) -> Result<Vec<Registration>, TrustError> {
+        let mut file = match Trust::process().open_private_file(&self.state_path) {
+            Ok(f) => f,
+            Err(e) if e.is_not_found() => return Ok(Vec::new()),
+            Err(TrustError::Open { source, .. }) => {
+                tracing::warn!(path = %self.state_path.display(), error = %source, "cannot read the registration state file");
+                return Ok(Vec::new());
             }
+            Err(untrusted) => return Err(untrusted),
         };
-        if !meta.is_file()
-            || meta.uid() != nix::unistd::geteuid().as_raw()
-            || meta.mode() & 0o077 != 0
-        {
-            tracing::warn!(path = %self.state_path.display(), "ignoring a registration state file that is not a regular 0600 file of ours");
-            return Vec::new();
-        }
-        let state: StateFile = match std::fs::read(&self.state_path)
+        let mut bytes = Vec::new();
+        let state: StateFile = match io::Read::read_to_end(&mut file, &mut bytes)
             .map_err(|e| e.to_string())
-            .and_then(|b| {
+            .and_then(|_| {
                 // The first line is the state; anything after it is left over from a longer
                 // earlier state (see `persist`).
-                let line = b.split(|&c| c == b'\n').next().unwrap_or_default();
+                let line = bytes.split(|&c| c == b'\n').next().unwrap_or_default();
                 serde_json::from_slice(line).map_err(|e| e.to_string())
             }) {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(path = %self.state_path.display(), error = %e, "ignoring an unreadable registration state file");
-                return Vec::new();
+                return Ok(Vec::new());
             }
         };
         let mut kept = Vec::new();
@@ -289,7 +286,7 @@ impl Registry {
         }
         // Rewrite the file so dropped entries disappear from disk too.
         self.changed();
-        kept
+        Ok(kept)
     }
 }
 
@@ -314,7 +311,7 @@ mod tests {
         std::fs::write(&path, body).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let registry = Registry::new(path.clone(), ProcFs::system());
-        let kept = registry.load();
+        let kept = registry.load().unwrap();
         assert_eq!(kept.len(), 1, "{kept:?}");
         assert_eq!(kept[0].function, "orders");
         // Rewritten in place: one line, the stale entry and the leftover gone.
@@ -328,11 +325,33 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_state_file_others_can_write_is_ignored() {
+    async fn a_state_file_others_can_write_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.state");
         std::fs::write(&path, "{\"version\":1,\"workers\":[]}\n").unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
-        assert!(Registry::new(path, ProcFs::system()).load().is_empty());
+        let e = Registry::new(path.clone(), ProcFs::system())
+            .load()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("{}: writable by group/other (mode 0666)", path.display())
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = Registry::new(path.clone(), ProcFs::system())
+            .load()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("accessible to group/other (mode 0644)"),
+            "{e}"
+        );
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(
+            Registry::new(path, ProcFs::system())
+                .load()
+                .unwrap()
+                .is_empty()
+        );
     }
 }

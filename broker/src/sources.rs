@@ -6,7 +6,12 @@
 //!
 //! `[sources.files]`: each regular file directly inside a configured directory is one secret
 //! named by its file name — Docker secrets, Kubernetes secret volumes, systemd credentials.
-//! Symlinks are followed (Kubernetes' `KEY -> ..data/KEY`); names starting with `.` (`..data`,
+//! Every directory and file must be trusted (`secretd_trust`: owned by root or the broker's uid,
+//! not writable by group/other unless on a read-only mount, nor any directory above): an
+//! untrusted one is an error, so a start-up, `check` or reload refuses it and a re-read keeps
+//! the last good values. Symlinks are followed only when they resolve inside the same directory
+//! (Kubernetes' `KEY -> ..data/KEY`); one leading elsewhere (`/etc/shadow`), a FIFO, socket or
+//! device is skipped with a warning and never blocks. Names starting with `.` (`..data`,
 //! `..2024_01_01…`) and sub-directories are skipped; a file whose name is not a valid secret
 //! name is skipped with a warning. Files larger than [`MAX_SECRET_FILE`] are an error.
 
@@ -16,6 +21,7 @@ use std::{
 };
 
 use secrecy::SecretBox;
+use secretd_trust::{Entry, Trust, TrustError};
 
 use crate::{config::EnvSource, name::SecretName, store::secret};
 
@@ -37,6 +43,9 @@ pub enum SourceError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// A directory or file that an unprivileged uid could have written (contract §7).
+    #[error("{0}")]
+    Untrusted(TrustError),
     #[error("secret file {path} is larger than {MAX_SECRET_FILE} bytes")]
     TooLarge { path: PathBuf },
     #[error("secret name {name} is provided by both {first} and {second}")]
@@ -83,43 +92,98 @@ pub fn select_env(source: &EnvSource, vars: Vec<(String, SecretBox<[u8]>)>) -> S
         .collect()
 }
 
-/// Read every secret file of `dirs`.
+/// Read every secret file of `dirs`. Each directory, every directory above it and every file
+/// read must be trusted (see `secretd_trust`): anything else is an error and nothing is read.
+/// Symlinks are followed only inside their own directory; FIFOs, sockets, devices and symlinks
+/// leading out are skipped with a warning (never opened in a way that could block).
 pub fn read_files(dirs: &[PathBuf]) -> Result<Secrets, SourceError> {
     let mut out: Secrets = Vec::new();
+    walk_files(dirs, |name, path, file| {
+        out.push((name, read_limited(path, file)?));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// What `secretd check` says about the file sources: every directory and file is judged as
+/// [`read_files`] would, no value is read. Returns one warning line per skipped entry. A
+/// directory that does not exist here is a warning, not an error: a config is often checked
+/// on another machine than the one that serves it (`serve` still refuses to start without it).
+pub fn check_files(dirs: &[PathBuf]) -> Result<Vec<String>, SourceError> {
+    let mut warnings = Vec::new();
+    let mut present = Vec::new();
+    for dir in dirs {
+        match std::fs::symlink_metadata(dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => warnings.push(format!(
+                "{}: does not exist here; `serve` refuses to start without it",
+                dir.display()
+            )),
+            _ => present.push(dir.clone()),
+        }
+    }
+    walk(&present, &mut |_, _, _| Ok(()), &mut |w| warnings.push(w))?;
+    Ok(warnings)
+}
+
+fn walk_files(
+    dirs: &[PathBuf],
+    mut each: impl FnMut(SecretName, &Path, std::fs::File) -> Result<(), SourceError>,
+) -> Result<(), SourceError> {
+    walk(dirs, &mut each, &mut |w| tracing::warn!("{w}"))
+}
+
+/// Visit every trusted secret file of `dirs`, opened, in name order per directory.
+fn walk(
+    dirs: &[PathBuf],
+    each: &mut dyn FnMut(SecretName, &Path, std::fs::File) -> Result<(), SourceError>,
+    warn: &mut dyn FnMut(String),
+) -> Result<(), SourceError> {
+    let trust = Trust::process();
     // Which file provided each name, to report duplicates across directories.
     let mut seen: std::collections::HashMap<SecretName, PathBuf> = std::collections::HashMap::new();
     for dir in dirs {
-        let entries = std::fs::read_dir(dir).map_err(|source| SourceError::ReadDir {
+        let read_dir = |source| SourceError::ReadDir {
             path: dir.clone(),
             source,
+        };
+        let trusted = trust.open_dir(dir).map_err(|e| match e {
+            TrustError::Open { source, .. } => read_dir(source),
+            untrusted => SourceError::Untrusted(untrusted),
         })?;
-        let mut paths: Vec<PathBuf> = Vec::new();
-        for entry in entries {
-            let entry = entry.map_err(|source| SourceError::ReadDir {
-                path: dir.clone(),
-                source,
-            })?;
-            paths.push(entry.path());
+        let mut names: Vec<std::ffi::OsString> = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(read_dir)? {
+            names.push(entry.map_err(read_dir)?.file_name());
         }
-        paths.sort();
-        for path in paths {
-            let Some(file_name) = path.file_name().and_then(|n| n.to_str()).map(str::to_owned)
-            else {
+        names.sort();
+        for file_name in names {
+            let path = dir.join(&file_name);
+            let Some(file_name) = file_name.to_str().map(str::to_owned) else {
+                warn(format!(
+                    "{}: file name is not UTF-8; skipped",
+                    path.display()
+                ));
                 continue;
             };
             if file_name.starts_with('.') {
                 continue;
             }
-            // Follows symlinks: Kubernetes exposes each key as a link into `..data/`.
-            let meta = std::fs::metadata(&path).map_err(|source| SourceError::ReadFile {
-                path: path.clone(),
-                source,
-            })?;
-            if !meta.is_file() {
-                continue;
-            }
+            let file = match trusted.open_entry(file_name.as_ref()) {
+                Ok(Entry::File(f)) => f,
+                Ok(Entry::Directory) => continue,
+                Ok(Entry::Skipped(why)) => {
+                    warn(why);
+                    continue;
+                }
+                Err(TrustError::Open { source, .. }) => {
+                    return Err(SourceError::ReadFile { path, source });
+                }
+                Err(untrusted) => return Err(SourceError::Untrusted(untrusted)),
+            };
             let Ok(name) = SecretName::parse(&file_name) else {
-                tracing::warn!(path = %path.display(), "file name is not a valid secret name; skipped");
+                warn(format!(
+                    "{}: file name is not a valid secret name; skipped",
+                    path.display()
+                ));
                 continue;
             };
             if let Some(first) = seen.get(&name) {
@@ -129,19 +193,14 @@ pub fn read_files(dirs: &[PathBuf]) -> Result<Secrets, SourceError> {
                     second: path,
                 });
             }
-            let value = read_limited(&path)?;
-            seen.insert(name.clone(), path);
-            out.push((name, value));
+            each(name.clone(), &path, file)?;
+            seen.insert(name, path);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
-fn read_limited(path: &Path) -> Result<SecretBox<[u8]>, SourceError> {
-    let file = std::fs::File::open(path).map_err(|source| SourceError::ReadFile {
-        path: path.to_owned(),
-        source,
-    })?;
+fn read_limited(path: &Path, file: std::fs::File) -> Result<SecretBox<[u8]>, SourceError> {
     let mut buf = Vec::new();
     file.take(MAX_SECRET_FILE + 1)
         .read_to_end(&mut buf)
@@ -186,6 +245,42 @@ mod tests {
                 ("plain".to_owned(), b"v".to_vec())
             ]
         );
+    }
+
+    #[test]
+    fn untrusted_dirs_are_errors_and_odd_entries_warnings() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("KEY"), b"v").unwrap();
+        nix::unistd::mkfifo(
+            &dir.path().join("PIPE"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("OUT")).unwrap();
+        let missing = PathBuf::from("/nonexistent/secretd");
+        let warnings = check_files(&[missing, dir.path().to_owned()]).unwrap();
+        let d = dir.path().display();
+        assert_eq!(
+            warnings,
+            [
+                "/nonexistent/secretd: does not exist here; `serve` refuses to start without it"
+                    .to_owned(),
+                format!("{d}/OUT: symlink to /etc/passwd leads outside {d}; not followed"),
+                format!("{d}/PIPE: not a regular file (FIFO); skipped"),
+            ]
+        );
+        let got = read_files(&[dir.path().to_owned()]).unwrap();
+        assert_eq!(got.len(), 1);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        let e = read_files(&[dir.path().to_owned()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, format!("{d}: writable by group/other (mode 0777)"));
+        let e = check_files(&[dir.path().to_owned()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, format!("{d}: writable by group/other (mode 0777)"));
     }
 
     #[test]

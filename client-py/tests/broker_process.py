@@ -31,7 +31,7 @@ CONFIG = """\
 [server]
 socket = "{socket}"
 socket_mode = "0666"
-admin_uids = [0]
+admin_uids = [{admin}]
 audit_log = "{audit}"
 
 [sources.env]
@@ -86,7 +86,10 @@ class Broker:
         self.socket = str(self.dir / "secretd.sock")
         self.audit = self.dir / "audit.jsonl"
         self.config = self.dir / "secretd.toml"
-        self.config.write_text(CONFIG.format(socket=self.socket, audit=self.audit, uid=os.getuid()))
+        # Admin is this uid (root in CI): a non-root `make test` can drive the admin API too.
+        self.config.write_text(
+            CONFIG.format(socket=self.socket, audit=self.audit, uid=os.getuid(), admin=os.geteuid())
+        )
         self.log = self.dir / "broker.log"
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -168,15 +168,21 @@ impl<U: Message + Default> Decoder for StrictDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        // prost's error can quote numbers read from the input: leave it out.
-        U::decode(buf).map(Some).map_err(|_| {
-            let name = std::any::type_name::<U>();
-            let name = name.rsplit("::").next().unwrap_or(name);
-            let mut status = Status::invalid_argument(format!("{MALFORMED}: not a valid {name}"));
-            status.set_source(std::sync::Arc::new(Malformed));
-            status
-        })
+        decode_strict(buf).map(Some)
     }
+}
+
+/// What [`StrictDecoder`] does with a message's bytes, for any buffer (the fuzz target
+/// `codec_decode` calls it directly): prost's decoding, with a [`MALFORMED`] error.
+pub fn decode_strict<U: Message + Default>(buf: impl prost::bytes::Buf) -> Result<U, Status> {
+    // prost's error can quote numbers read from the input: leave it out.
+    U::decode(buf).map_err(|_| {
+        let name = std::any::type_name::<U>();
+        let name = name.rsplit("::").next().unwrap_or(name);
+        let mut status = Status::invalid_argument(format!("{MALFORMED}: not a valid {name}"));
+        status.set_source(std::sync::Arc::new(Malformed));
+        status
+    })
 }
 
 /// The encoder of [`SecretdCodec`].

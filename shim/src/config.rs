@@ -14,8 +14,9 @@
 //! allow_root = false
 //! ```
 
-use std::{collections::BTreeMap, ffi::OsString, path::Path};
+use std::{collections::BTreeMap, ffi::OsString, io::Read, path::Path};
 
+use secretd_trust::{Trust, TrustError};
 use serde::Deserialize;
 
 use crate::{
@@ -47,11 +48,31 @@ struct RawProgram {
 }
 
 /// Read `path` and return the settings of `[program.<name>]`, to run with `args`.
+///
+/// The file decides what runs, as whom: it is obeyed only when trusted (contract §7: owned by
+/// root — or by the shim's own uid when it runs unprivileged —, not writable by group or other,
+/// nor is any directory above it), judged on the opened descriptor.
 pub fn load(path: &Path, name: &str, args: Vec<OsString>) -> Result<Launch, ShimError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ShimError::ConfigRead {
+    load_with(&Trust::process(), path, name, args)
+}
+
+/// [`load`] under an explicit trust rule (tests use another uid than their own).
+fn load_with(
+    trust: &Trust,
+    path: &Path,
+    name: &str,
+    args: Vec<OsString>,
+) -> Result<Launch, ShimError> {
+    let read = |source| ShimError::ConfigRead {
         path: path.to_owned(),
         source,
+    };
+    let mut file = trust.open_file(path).map_err(|e| match e {
+        TrustError::Open { source, .. } => read(source),
+        untrusted => ShimError::Untrusted(untrusted),
     })?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).map_err(read)?;
     parse(&text, path, name, args)
 }
 
@@ -198,6 +219,50 @@ exec = "/usr/bin/node.real"
             assert!(got.starts_with(want), "got {got:?}, want {want:?}");
             assert_eq!(got.lines().count(), 1, "{got}");
         }
+    }
+
+    #[test]
+    fn an_untrusted_config_is_refused_with_one_line() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shim.toml");
+        std::fs::write(&path, EXAMPLE).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(load(&path, "python3", vec![]).is_ok());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let got = load(&path, "python3", vec![]).unwrap_err();
+        assert_eq!(
+            got.to_string(),
+            format!("{}: writable by group/other (mode 0666)", path.display())
+        );
+        assert_eq!(got.exit_code(), crate::error::EXIT_SHIM);
+        // Owned by a uid the rule does not trust (ours, when we are not root; root is always
+        // trusted, so as root the file is handed to another uid first).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let (trust, owner) = if me == 0 {
+            std::os::unix::fs::chown(&path, Some(65534), None).unwrap();
+            (Trust::process(), 65534)
+        } else {
+            (Trust::with_owner(me.wrapping_add(1)), me)
+        };
+        let got = load_with(&trust, &path, "python3", vec![]).unwrap_err();
+        assert_eq!(
+            got.to_string(),
+            format!("{}: owned by uid {owner}", path.display())
+        );
+    }
+
+    #[test]
+    fn a_fifo_config_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shim.toml");
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let got = load(&path, "python3", vec![]).unwrap_err().to_string();
+        assert_eq!(
+            got,
+            format!("{}: not a regular file (FIFO)", path.display())
+        );
     }
 
     #[test]

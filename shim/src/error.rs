@@ -27,6 +27,9 @@ pub enum ShimError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The config is not trusted (owner, mode, a directory above it): one line naming why.
+    #[error(transparent)]
+    Untrusted(secretd_trust::TrustError),
     #[error("{path}:{line}:{column}: {message}")]
     ConfigParse {
         path: PathBuf,

@@ -1,6 +1,6 @@
 //! The real `secretd-shim` binary, run as real processes: environment, identity, fds, exit
 //! codes, refusal of root and registration failure. Tests that switch users need root (CI runs
-//! as root) and print why they skip otherwise.
+//! as root) and are `#[ignore]`d with the reason otherwise.
 //!
 //! `unsafe` appears only in `pre_exec` hooks that set up what a platform leaks into the shim
 //! (blocked signals, extra groups, non-CLOEXEC fds).
@@ -16,11 +16,10 @@ use std::{
 
 use common::*;
 
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn worker_environment_holds_only_socket_path_kept_and_set() {
-    if !root_or_skip("worker_environment_holds_only_socket_path_kept_and_set") {
-        return;
-    }
+    require_root("worker_environment_holds_only_socket_path_kept_and_set");
     let out = run(shim().args([
         "--user",
         "nobody",
@@ -42,11 +41,10 @@ fn worker_environment_holds_only_socket_path_kept_and_set() {
     );
 }
 
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn keep_path_socket_and_set_path() {
-    if !root_or_skip("keep_path_socket_and_set_path") {
-        return;
-    }
+    require_root("keep_path_socket_and_set_path");
     let out = run(shim()
         .env("PATH", "/opt/custom/bin:/usr/bin:/bin")
         .args([
@@ -72,11 +70,10 @@ fn keep_path_socket_and_set_path() {
 
 /// What the kernel shows for the running worker: its initial environment block, and the same
 /// pid the shim was started with.
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn proc_environ_of_a_running_worker() {
-    if !root_or_skip("proc_environ_of_a_running_worker") {
-        return;
-    }
+    require_root("proc_environ_of_a_running_worker");
     let mut child = shim()
         .args(["--user", "nobody", "--keep", "TZ", "--"])
         .args(["/bin/sh", "-c", "echo ready; read line; exit 3"])
@@ -119,11 +116,10 @@ fn proc_environ_of_a_running_worker() {
     assert_eq!(code, Some(3));
 }
 
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn privileges_are_dropped_and_no_new_privs_set() {
-    if !root_or_skip("privileges_are_dropped_and_no_new_privs_set") {
-        return;
-    }
+    require_root("privileges_are_dropped_and_no_new_privs_set");
     let (uid, gid) = passwd_entry("nobody").expect("nobody in /etc/passwd");
     let mut cmd = shim();
     cmd.args(["--user", "nobody", "--", "/bin/cat", "/proc/self/status"]);
@@ -165,11 +161,10 @@ fn privileges_are_dropped_and_no_new_privs_set() {
 
 /// A platform that set SECBIT_NO_SETUID_FIXUP keeps capabilities across the uid switch: the
 /// shim must notice and refuse, not start PROGRAM with them.
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn capabilities_kept_across_the_switch_are_refused() {
-    if !root_or_skip("capabilities_kept_across_the_switch_are_refused") {
-        return;
-    }
+    require_root("capabilities_kept_across_the_switch_are_refused");
     const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
     let mut cmd = shim();
     cmd.args(["--user", "nobody", "--", "/bin/true"]);
@@ -184,12 +179,9 @@ fn capabilities_kept_across_the_switch_are_refused() {
     }
     let out = match cmd.output() {
         Ok(out) => out,
-        Err(e) => {
-            eprintln!(
-                "skipped capabilities_kept_across_the_switch_are_refused: cannot set securebits here ({e})"
-            );
-            return;
-        }
+        Err(e) => panic!(
+            "capabilities_kept_across_the_switch_are_refused cannot run: cannot set securebits here ({e})"
+        ),
     };
     assert_shim_error(&out, 125, "capabilities 0x");
     assert!(
@@ -199,11 +191,10 @@ fn capabilities_kept_across_the_switch_are_refused() {
     );
 }
 
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn users_and_groups_by_name_or_number() {
-    if !root_or_skip("users_and_groups_by_name_or_number") {
-        return;
-    }
+    require_root("users_and_groups_by_name_or_number");
     let ids = |args: &[&str]| {
         let out = run(shim()
             .args(args)
@@ -239,11 +230,10 @@ fn users_and_groups_by_name_or_number() {
     );
 }
 
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn inherited_fds_are_closed() {
-    if !root_or_skip("inherited_fds_are_closed") {
-        return;
-    }
+    require_root("inherited_fds_are_closed");
     let listing = |through_shim: bool| {
         let file = std::fs::File::open("/etc/passwd").unwrap();
         let mut cmd = if through_shim {
@@ -283,11 +273,10 @@ fn inherited_fds_are_closed() {
     assert!(fds.iter().all(|&fd| fd <= 3), "{fds:?}");
 }
 
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn exit_status_and_pid_are_the_workers() {
-    if !root_or_skip("exit_status_and_pid_are_the_workers") {
-        return;
-    }
+    require_root("exit_status_and_pid_are_the_workers");
     let out = run(shim().args(["--user", "nobody", "--", "/bin/sh", "-c", "exit 42"]));
     assert_eq!(out.status.code(), Some(42));
     assert!(out.stderr.is_empty());
@@ -312,11 +301,10 @@ fn exit_status_and_pid_are_the_workers() {
     );
 }
 
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn shim_failures_exit_125_126_127_with_one_line() {
-    if !root_or_skip("shim_failures_exit_125_126_127_with_one_line") {
-        return;
-    }
+    require_root("shim_failures_exit_125_126_127_with_one_line");
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let not_executable = dir.path().join("worker");
@@ -413,11 +401,10 @@ fn shim_failures_exit_125_126_127_with_one_line() {
     }
 }
 
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn root_is_refused_unless_allowed() {
-    if !root_or_skip("root_is_refused_unless_allowed") {
-        return;
-    }
+    require_root("root_is_refused_unless_allowed");
     for args in [
         &["--"][..],
         &["--user", "0", "--"],
@@ -440,11 +427,10 @@ fn root_is_refused_unless_allowed() {
     }
 }
 
+#[ignore = "needs root: `make test` runs it as root (README, Tests)"]
 #[test]
 fn an_unprivileged_caller_runs_as_itself() {
-    if !root_or_skip("an_unprivileged_caller_runs_as_itself") {
-        return;
-    }
+    require_root("an_unprivileged_caller_runs_as_itself");
     let as_nobody = |args: &[&str]| {
         let mut cmd = shim();
         cmd.uid(65534).gid(65534).args(args);

@@ -505,8 +505,10 @@ fn read_credential(path: &std::path::Path) -> Result<SecretString, OpenBaoError>
         path: path.display().to_string(),
         reason,
     };
-    crate::config::check_credential_file(path).map_err(err)?;
-    let bytes = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| err(e.to_string()))?);
+    // Opened first, then judged on the descriptor (owner, mode): no check-then-open race.
+    let mut file = crate::config::open_credential_file(path).map_err(err)?;
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(4096));
+    std::io::Read::read_to_end(&mut file, &mut bytes).map_err(|e| err(e.to_string()))?;
     let text = std::str::from_utf8(&bytes).map_err(|_| err("not UTF-8 text".to_owned()))?;
     let text = text.trim();
     if text.is_empty() {

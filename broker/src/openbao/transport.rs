@@ -49,8 +49,9 @@ impl Tls {
             path: path.display().to_string(),
             reason,
         };
-        let certs = CertificateDer::pem_file_iter(path)
-            .map_err(|e| ca_err(e.to_string()))?
+        // Opened and judged on the descriptor (contract §7), then parsed from memory.
+        let pem = crate::config::read_ca_file(path).map_err(ca_err)?;
+        let certs = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ca_err(e.to_string()))?;
         Tls::from_certificates(certs).map_err(ca_err)
