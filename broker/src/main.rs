@@ -72,6 +72,10 @@ enum Command {
         /// The socket `serve --socket` would use (default: [server].socket)
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
+        /// Validate the file alone, without the start-up checks against this machine (for a
+        /// config that will be deployed elsewhere)
+        #[arg(long, conflicts_with = "socket")]
+        config_only: bool,
     },
     /// Ask a running broker to reload its config and policy (Admin.Reload).
     Reload {
@@ -142,7 +146,11 @@ fn main() -> ExitCode {
             ready_fd,
             program,
         } => serve(config, socket, ready_fd, program),
-        Command::Check { config, socket } => check(config, socket),
+        Command::Check {
+            config,
+            socket,
+            config_only,
+        } => check(config, socket, config_only),
         other => client_command(other),
     };
     match result {
@@ -182,7 +190,11 @@ fn config_location(config: Option<PathBuf>) -> (PathBuf, bool) {
     }
 }
 
-fn check(config: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn check(
+    config: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    config_only: bool,
+) -> anyhow::Result<ExitCode> {
     use secretd::preflight::{self, Finding};
     let (path, explicit) = config_location(config);
     let config = match Config::load_or_default(&path, explicit, std::path::Path::new("/etc")) {
@@ -194,8 +206,13 @@ fn check(config: Option<PathBuf>, socket: Option<PathBuf>) -> anyhow::Result<Exi
     };
     print!("{}", config.summary());
     let socket = socket.unwrap_or_else(|| config.server.socket.clone());
+    let findings = if config_only {
+        Vec::new()
+    } else {
+        preflight::run(&config, &socket)
+    };
     let mut failed = false;
-    for finding in preflight::run(&config, &socket) {
+    for finding in findings {
         match finding {
             Finding::Note(note) => println!("note: {note}"),
             Finding::Problem(problem) => {
