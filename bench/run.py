@@ -13,6 +13,8 @@ What runs (issue #6), each comparison interleaved in the same run:
   bench/py_latency.py      Python secretd.get vs grpc health Check vs a /dev/shm file (2) vs
                            OpenBao KV v2 as deployed: HTTPS + an AppRole token (8)
   bench/shim_overhead.py   secretd-shim exec overhead over `env -i` (7)
+  bench/cold_start.py      a Python function's cold start: `import secretd` time and RSS vs
+                           grpcio + protobuf, the first get, end to end vs os.environ (9)
   client-py/bench/client_latency.py, bench/rotation.py, bench/openbao_ha.py (HA failover time,
                            refresh-cycle cost vs BASELINE, cluster cost per broker)
                            run when present; output kept verbatim
@@ -47,6 +49,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
+import cold_start  # noqa: E402
 import py_latency  # noqa: E402
 
 NAME = "APP_DB"
@@ -542,6 +545,8 @@ def table(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append(
             ("8 OpenBao KV v2 GET", "info", f"not measured: {r.get('openbao_skipped')}", "")
         )
+    if "cold_start" in r:
+        rows += cold_start.rows(r["cold_start"])
     return rows
 
 
@@ -613,6 +618,11 @@ METHOD = """## How it was measured
   `bao server -dev -dev-tls` on loopback as deployed — HTTPS verified against its CA, an
   AppRole token limited to that path (one keep-alive `http.client` connection, JSON decoded),
   all interleaved in 20 rotating rounds.
+- Cold start (9): every sample a fresh `python -s -c …` (the venv's interpreter, bytecode
+  already written) against the same broker: the import statement timed inside the child and
+  VmRSS after it, minus a bare interpreter's; `secretd.get` right after the import and once
+  more; the whole process spawn-to-exit against reading the value from `os.environ`. Probes
+  interleaved in rotating rounds (30, or 8 with --quick), medians.
 
 """
 
@@ -674,7 +684,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short runs while iterating")
     parser.add_argument("--calls", type=int, default=5000, help="calls per latency comparison")
     parser.add_argument("--no-write", action="store_true", help="do not write bench/RESULTS.md")
-    parser.add_argument("--skip", default="", help="comma list: rust,python,shim,extra")
+    parser.add_argument("--skip", default="", help="comma list: rust,python,coldstart,shim,extra")
     parser.add_argument(
         "--baseline",
         metavar="SECRETD",
@@ -703,6 +713,15 @@ def main() -> int:
         r["python"], why = run_python(bins, calls)
         if why:
             r["openbao_skipped"] = why
+    if "coldstart" not in skip:
+        print("bench: python cold start …", file=sys.stderr)
+        broker = Broker(bins / "secretd")
+        try:
+            r["cold_start"] = cold_start.measure(
+                sys.executable, broker.socket, NAME, VALUE, 8 if args.quick else 30
+            )
+        finally:
+            broker.stop()
     if "shim" not in skip:
         print("bench: shim overhead …", file=sys.stderr)
         r["shim"] = run_shim(bins, args.quick)

@@ -40,6 +40,7 @@ DEMO = Path(__file__).resolve().parent
 TARGET = "x86_64-unknown-linux-gnu"
 FUNCTION_UID = 65534  # nobody: the function's uid when the demo runs as root
 TIMEOUT = 30.0  # only guards against a hang
+SCAN_FOUND_LEAK = 3  # `secretd scan` exit status when a process holds a brokered value
 
 
 def _utf8_stdout() -> bool:
@@ -374,7 +375,8 @@ class Demo:
         result = self.cli("scan", "--json")
         human = self.cli("scan")
         hits: list[Mapping[str, Any]] = []
-        if result.returncode == 0:
+        # Exit status 3: a leak was found (so `secretd scan` can gate a cron job or CI).
+        if result.returncode == SCAN_FOUND_LEAK:
             doc = json.loads(result.stdout)
             hits = doc.get("hits", []) if isinstance(doc, dict) else doc
         found = [
@@ -382,11 +384,15 @@ class Demo:
             for h in hits
         ]
         output = human.stdout + human.stderr
-        ok = found == [(legacy.pid, ["ORDERS_DB"], [])] and not self.leaks(output.encode())
+        ok = (
+            found == [(legacy.pid, ["ORDERS_DB"], [])]
+            and human.returncode == SCAN_FOUND_LEAK
+            and not self.leaks(output.encode())
+        )
         self.report.check(
             ok,
             f"secretd scan: finds the planted process (pid {legacy.pid}, ORDERS_DB in its "
-            "environ) and nothing else",
+            f"environ) and nothing else; exit status {human.returncode} (a leak)",
             output.strip() if ok else f"{found}\n{result.stderr}",
         )
         legacy.kill()

@@ -46,6 +46,9 @@ NOBODY_UID = 65534
 SYSTEM_PYTHON = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
 BUSYBOX = Path("/bin/busybox")
 
+# `secretd scan` exits with this when a process holds a brokered value (0 when none does).
+SCAN_FOUND_LEAK = 3
+
 # Generous bounds that only stop a hang; nothing is gated on how fast things are.
 READY_TIMEOUT = 30.0
 REPLY_TIMEOUT = 30.0
@@ -580,10 +583,14 @@ class Broker:
         )
 
     def scan(self) -> list[ScanHit]:
+        """`secretd scan --json`; its exit status must say whether it found anything."""
         result = self.cli("scan", "--json")
-        if result.returncode != 0:
+        if result.returncode not in (0, SCAN_FOUND_LEAK):
             raise BrokerError(f"secretd scan failed ({result.returncode}): {result.stderr}")
-        return parse_scan(result.stdout)
+        hits = parse_scan(result.stdout)
+        if (result.returncode == SCAN_FOUND_LEAK) != bool(hits):
+            raise BrokerError(f"secretd scan exited {result.returncode} with hits {hits}")
+        return hits
 
     def audit_bytes(self) -> bytes:
         try:

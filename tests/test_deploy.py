@@ -32,7 +32,9 @@ def dockerfile_heredoc(target: str) -> str:
 
 def check(bins: Binaries, config: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(bins.secretd), "check", "--config", str(config)],
+        # --config-only: the examples name paths of the machine they are meant for
+        # (/run/secrets, /var/log/secretd), not of this one.
+        [str(bins.secretd), "check", "--config-only", "--config", str(config)],
         capture_output=True,
         text=True,
         timeout=60,

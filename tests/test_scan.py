@@ -1,10 +1,12 @@
 """4. `secretd scan` reports a planted leak (a process started with a brokered value in its
-environment or on its command line) and nothing else."""
+environment or on its command line) and nothing else, and exits 3 while it finds one and 0 once
+the machine is clean (so it can gate a cron job or CI)."""
 
 from __future__ import annotations
 
 from harness import (
     INTRUDER_UID,
+    SCAN_FOUND_LEAK,
     SYSTEM_PYTHON,
     Broker,
     HostSecrets,
@@ -53,7 +55,8 @@ def test_scan_reports_planted_leaks_and_nothing_else(
     # Names, never values, in either output format.
     for fmt in (("scan", "--json"), ("scan",)):
         result = broker.cli(*fmt)
-        assert result.returncode == 0, result.stderr
+        # A leak is exit status 3 in either format, so `secretd scan` can gate cron and CI.
+        assert result.returncode == SCAN_FOUND_LEAK, result.stderr
         assert str(env_leak.pid) in result.stdout
         for value in host_secrets.values.values():
             assert value not in result.stdout
@@ -65,4 +68,6 @@ def test_scan_reports_planted_leaks_and_nothing_else(
     env_leak.wait()
     argv_leak.wait()
     assert broker.scan() == []
+    clean = broker.cli("scan")
+    assert clean.returncode == 0, clean.stderr
     worker.exit()

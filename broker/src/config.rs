@@ -51,7 +51,7 @@ mod dynamic;
 
 pub use dynamic::{DynamicSecret, Part, Template};
 
-use crate::name::{SecretName, is_name_byte};
+use crate::name::{MAX_NAME_LEN, SecretName, is_name_byte};
 use crate::policy::{Matcher, Policy, Scope, secret_glob};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/secretd/secretd.toml";
@@ -1305,6 +1305,27 @@ fn secret_pattern(pattern: &str) -> Result<(), String> {
             "pattern {pattern:?} can never match: {c:?} cannot appear in a secret name"
         ));
     }
+    let never = |why: &str| Err(format!("pattern {pattern:?} can never match: {why}"));
+    if pattern.starts_with('/') {
+        return never("secret names never start with `/` (they are relative: \"apps/db\")");
+    }
+    // Segment rules hold for the literal `/`s of a pattern; inside `{…}`, `[…]` or after `\`
+    // a `/` is not a plain separator, so such patterns are left to the name check at call time.
+    if !pattern.contains(['{', '[', '\\']) {
+        let segments: Vec<&str> = pattern.split('/').collect();
+        if segments.iter().any(|s| s.is_empty()) {
+            return never("secret names have no empty segment (no trailing `/`, no `//`)");
+        }
+        if segments.contains(&"..") {
+            return never("secret names have no `..` segment");
+        }
+        if !pattern.contains(['*', '?']) && pattern.len() > MAX_NAME_LEN {
+            return never(&format!(
+                "it is {} bytes long and secret names are at most {MAX_NAME_LEN}",
+                pattern.len()
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -1464,6 +1485,8 @@ impl Doc<'_> {
                 "duplicate key `{}`",
                 self.text.get(span.clone()).unwrap_or("?")
             )
+        } else if let Some(hint) = found.and_then(|f| bracket_hint(f, msg)) {
+            hint
         } else {
             match found {
                 Some(f) => format!("{}: {msg}", f.label),
@@ -1472,6 +1495,27 @@ impl Doc<'_> {
         };
         self.error_at(span, message.replace('\n', " "))
     }
+}
+
+/// `[scope]` where `[[scope]]` is meant, and the reverse: serde only says "invalid type: map,
+/// expected a sequence" (or names an internal struct), so say which brackets to write.
+fn bracket_hint(found: &Entry, msg: &str) -> Option<String> {
+    let path = found.path.as_deref()?;
+    // `scope` is the one array of tables in the file; every other table is a single one.
+    let is_array = path == "scope";
+    if is_array && found.is_table && msg.starts_with("invalid type: map, expected a sequence") {
+        return Some(format!(
+            "[{path}] must be an array of tables: write [[{path}]] (double brackets), once per entry"
+        ));
+    }
+    // serde reads `[[server]]` as a struct given positionally, so the message it gives is
+    // about a field; the entry found is the first `[[server]]` itself.
+    if !is_array && found.array_item {
+        return Some(format!(
+            "[{path}] is a single table: write [{path}] (single brackets), not [[{path}]]"
+        ));
+    }
+    None
 }
 
 /// Where each key and value of the parsed document is, to say which key a serde error is about.
@@ -1487,6 +1531,10 @@ struct Entry {
     /// Where it sits: "in [server]", "at the top level".
     parent: String,
     is_table: bool,
+    /// The dotted key path of a table or an array (`scope`, `sources.env`), for bracket hints.
+    path: Option<String>,
+    /// A table inside an array (`[[path]]`).
+    array_item: bool,
 }
 
 type DeTable<'i> = toml::de::DeTable<'i>;
@@ -1517,6 +1565,8 @@ impl Locator {
                         label: label.clone(),
                         parent: parent.to_owned(),
                         is_table: true,
+                        path: Some(path.clone()),
+                        array_item: false,
                     });
                     self.walk_table(t, &path, &format!("in {label}"));
                 }
@@ -1528,6 +1578,8 @@ impl Locator {
                         label: label.clone(),
                         parent: parent.to_owned(),
                         is_table: false,
+                        path: Some(path.clone()),
+                        array_item: false,
                     });
                     for (i, item) in items.iter().enumerate() {
                         if let toml::de::DeValue::Table(t) = item.get_ref() {
@@ -1538,6 +1590,8 @@ impl Locator {
                                 label: label.clone(),
                                 parent: parent.to_owned(),
                                 is_table: true,
+                                path: Some(path.clone()),
+                                array_item: true,
                             });
                             self.walk_table(t, &path, &format!("in {label}"));
                         }
@@ -1549,6 +1603,8 @@ impl Locator {
                     label: format!("`{key_name}` {parent}"),
                     parent: parent.to_owned(),
                     is_table: false,
+                    path: None,
+                    array_item: false,
                 }),
             }
         }
@@ -1689,6 +1745,22 @@ mod tests {
              "4:17: `secrets` in [[scope]] #1: invalid pattern \"b[\": unclosed character class; missing ']'"),
             ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"ORDERS DB\"]\n",
              "4:12: `secrets` in [[scope]] #1: pattern \"ORDERS DB\" can never match: ' ' cannot appear in a secret name"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"/abs\"]\n",
+             "4:12: `secrets` in [[scope]] #1: pattern \"/abs\" can never match: secret names never start with `/` (they are relative: \"apps/db\")"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"/**\"]\n",
+             "4:12: `secrets` in [[scope]] #1: pattern \"/**\" can never match: secret names never start with `/` (they are relative: \"apps/db\")"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"apps/\"]\n",
+             "4:12: `secrets` in [[scope]] #1: pattern \"apps/\" can never match: secret names have no empty segment (no trailing `/`, no `//`)"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"apps//*\"]\n",
+             "4:12: `secrets` in [[scope]] #1: pattern \"apps//*\" can never match: secret names have no empty segment (no trailing `/`, no `//`)"),
+            ("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"apps/../*\"]\n",
+             "4:12: `secrets` in [[scope]] #1: pattern \"apps/../*\" can never match: secret names have no `..` segment"),
+            (&format!("[[scope]]\nname = \"a\"\nuid = 1\nsecrets = [\"{}\"]\n", "A".repeat(257)),
+             &format!("4:12: `secrets` in [[scope]] #1: pattern \"{}\" can never match: it is 257 bytes long and secret names are at most 256", "A".repeat(257))),
+            ("[scope]\nname = \"a\"\nuid = 1\nsecrets = [\"A\"]\n",
+             "1:1: [scope] must be an array of tables: write [[scope]] (double brackets), once per entry"),
+            ("[[server]]\nsocket = \"/x\"\n",
+             "1:1: [server] is a single table: write [server] (single brackets), not [[server]]"),
             ("[[scope]]\nname = \"é\"\nuid = \"1001\"\nsecrets = [\"A\"]\n",
              "3:7: `uid` in [[scope]] #1: invalid type: string \"1001\", expected u32"),
             ("[limits]\nmax_connections = 0\n",

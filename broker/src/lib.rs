@@ -16,6 +16,7 @@ pub mod name;
 pub mod openbao;
 pub mod peer;
 pub mod policy;
+pub mod preflight;
 pub mod procfs;
 pub mod registry;
 pub mod rejected;

@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use secretd::{
     audit::{self, AuditLog},
     client,
-    config::{Config, DEFAULT_CONFIG_PATH, LogFormat},
+    config::{AuditTarget, Config, DEFAULT_CONFIG_PATH, LogFormat},
     filewatch, openbao,
     procfs::ProcFs,
     registry::Registry,
@@ -63,10 +63,19 @@ enum Command {
         #[arg(last = true, value_name = "PROGRAM [ARG]...")]
         program: Vec<std::ffi::OsString>,
     },
-    /// Validate the config and policy, print a summary; exit 0 if valid, 1 if not.
+    /// Validate the config and policy and run every start-up check of `serve` that needs no
+    /// bind and no fetch (socket directory, file sources, audit log); print a summary; exit 0
+    /// if `serve` would start, 1 if not.
     Check {
         #[arg(long, value_name = "PATH")]
         config: Option<PathBuf>,
+        /// The socket `serve --socket` would use (default: [server].socket)
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Validate the file alone, without the start-up checks against this machine (for a
+        /// config that will be deployed elsewhere)
+        #[arg(long, conflicts_with = "socket")]
+        config_only: bool,
     },
     /// Ask a running broker to reload its config and policy (Admin.Reload).
     Reload {
@@ -81,7 +90,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List processes whose environ or cmdline holds a brokered value (Admin.Scan). Names, never values.
+    /// List processes whose environ or cmdline holds a brokered value (Admin.Scan). Names, never
+    /// values. Exit status 3 when any process does (a gate for cron jobs and CI), 0 when none.
     Scan {
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,
@@ -136,16 +146,41 @@ fn main() -> ExitCode {
             ready_fd,
             program,
         } => serve(config, socket, ready_fd, program),
-        Command::Check { config } => check(config),
+        Command::Check {
+            config,
+            socket,
+            config_only,
+        } => check(config, socket, config_only),
         other => client_command(other),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("secretd: {e:#}");
+            eprintln!("secretd: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status of `secretd scan` when a process holds a brokered value.
+const EXIT_SCAN_FOUND: u8 = 3;
+
+/// An error and its causes on one line, each cause once: many errors repeat their source in
+/// their own message ("…: No such file or directory (os error 2): No such file or directory
+/// (os error 2)"), so a cause already shown is skipped.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace(['\n', '\r'], " ")
 }
 
 fn config_location(config: Option<PathBuf>) -> (PathBuf, bool) {
@@ -155,32 +190,43 @@ fn config_location(config: Option<PathBuf>) -> (PathBuf, bool) {
     }
 }
 
-fn check(config: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+fn check(
+    config: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    config_only: bool,
+) -> anyhow::Result<ExitCode> {
+    use secretd::preflight::{self, Finding};
     let (path, explicit) = config_location(config);
-    match Config::load_or_default(&path, explicit, std::path::Path::new("/etc")) {
-        Ok(config) => {
-            print!("{}", config.summary());
-            // The file sources are judged as `serve` would (trust, symlinks, FIFOs); no value
-            // is read.
-            match secretd::sources::check_files(&config.files.dirs) {
-                Ok(warnings) => {
-                    for w in warnings {
-                        println!("warning: {w}");
-                    }
-                }
-                Err(e) => {
-                    eprintln!("secretd: {e}");
-                    return Ok(ExitCode::FAILURE);
-                }
-            }
-            println!("config OK");
-            Ok(ExitCode::SUCCESS)
-        }
+    let config = match Config::load_or_default(&path, explicit, std::path::Path::new("/etc")) {
+        Ok(config) => config,
         Err(e) => {
             eprintln!("secretd: {e}");
-            Ok(ExitCode::FAILURE)
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    print!("{}", config.summary());
+    let socket = socket.unwrap_or_else(|| config.server.socket.clone());
+    let findings = if config_only {
+        Vec::new()
+    } else {
+        preflight::run(&config, &socket)
+    };
+    let mut failed = false;
+    for finding in findings {
+        match finding {
+            Finding::Note(note) => println!("note: {note}"),
+            Finding::Warning(warning) => println!("warning: {warning}"),
+            Finding::Problem(problem) => {
+                eprintln!("secretd: {problem}");
+                failed = true;
+            }
         }
     }
+    if failed {
+        return Ok(ExitCode::FAILURE);
+    }
+    println!("config OK");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve(
@@ -207,7 +253,7 @@ fn serve(
         "process hardened: non-dumpable, RLIMIT_CORE=0"
     );
     for line in config.summary().lines() {
-        tracing::info!("config: {line}");
+        tracing::info!("{}", line.trim_start());
     }
     // Supervisor mode: PROGRAM's environment is what [sources.env] does not select.
     let program =
@@ -228,8 +274,12 @@ fn serve(
                 .with_context(|| format!("--ready-fd {fd} is not an open file descriptor"))
         })
         .transpose()?;
-    let audit = AuditLog::open(&config.server.audit_log, config.audit)
-        .with_context(|| format!("failed to open the audit log {:?}", config.server.audit_log))?;
+    let audit = AuditLog::open(&config.server.audit_log, config.audit).with_context(|| {
+        match &config.server.audit_log {
+            AuditTarget::File(p) => format!("failed to open the audit log {}", p.display()),
+            AuditTarget::Stderr => "failed to write the audit log to stderr".to_owned(),
+        }
+    })?;
     // 5. The runtime (its threads start only now, after the wipe and the hardening), the
     // OpenBao start-up fetch, the socket. Every mapped secret is fetched before the socket is
     // bound (so before READY): a failed required fetch exits non-zero with the cause and never
@@ -356,8 +406,11 @@ fn init_logging(config: &Config, rust_log: Option<&str>) {
         rust_log.unwrap_or(&config.log.level)
     );
     let filter = EnvFilter::try_new(&directive).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour only for a person at a terminal: a journal, a file or a pipe gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
@@ -422,13 +475,37 @@ fn client_command(command: Command) -> anyhow::Result<ExitCode> {
 
 async fn channel(socket: Option<PathBuf>) -> anyhow::Result<tonic::transport::Channel> {
     let path = client::socket_path(socket);
-    client::connect(&path)
-        .await
-        .with_context(|| format!("cannot connect to the broker at {}", path.display()))
+    client::connect(&path).await.map_err(|e| {
+        // The OS error is the cause worth naming; the transport layers above it add nothing.
+        let mut cause: &dyn std::error::Error = &e;
+        while let Some(next) = cause.source() {
+            cause = next;
+        }
+        anyhow::anyhow!(
+            "cannot connect to the broker at {}: {cause}. Is the broker running (secretd serve), \
+             and does --socket or SECRETD_SOCKET name its socket?",
+            path.display()
+        )
+    })
 }
 
+/// A gRPC error from the broker as the canonical status name, its message and, where one
+/// helps, what to do about it.
 fn status_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", status.code(), status.message())
+    use tonic::Code;
+    let hint = match status.code() {
+        Code::PermissionDenied => {
+            " (Admin calls need a uid in [server].admin_uids, usually root; a read needs a \
+             [[scope]] that matches the caller: see `secretd whoami`)"
+        }
+        Code::Unavailable => " (is the broker running, and still accepting connections?)",
+        _ => "",
+    };
+    anyhow::anyhow!(
+        "{}: {}{hint}",
+        secretd_proto::code_name(status.code()),
+        status.message()
+    )
 }
 
 async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
@@ -463,6 +540,9 @@ async fn run_client(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&scan_json(&s))?);
             } else {
                 print_scan(&s);
+            }
+            if !s.hits.is_empty() {
+                return Ok(ExitCode::from(EXIT_SCAN_FOUND));
             }
         }
         Command::Refresh { name, socket } => {

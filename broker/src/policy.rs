@@ -260,6 +260,18 @@ impl Policy {
         &self.scopes
     }
 
+    /// The function names the scopes match on (`function = "…"`), sorted, each once.
+    pub fn functions(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self
+            .scopes
+            .iter()
+            .filter_map(|s| s.matcher.function.as_deref())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
     /// Indices of the scopes this caller matches (computed once per connection and reused),
     /// with their names (shared by every audit record made with this grant).
     ///

@@ -117,13 +117,8 @@ pub enum BrokerError {
 ///   refuses connections is stale (a dead broker's): replace it; anything else: refuse;
 /// - the socket gets `mode` (who may connect; what they may read is decided per call).
 pub fn bind_socket(path: &Path, mode: u32) -> Result<StdUnixListener, BrokerError> {
-    if !path.is_absolute() {
-        return Err(BrokerError::Relative {
-            path: path.to_owned(),
-        });
-    }
     let dir = path.parent().unwrap_or(Path::new("/"));
-    if !dir.exists() {
+    if path.is_absolute() && !dir.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o755)
@@ -133,35 +128,19 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<StdUnixListener, BrokerErro
                 source,
             })?;
     }
-    check_dir(dir)?;
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            match std::os::unix::net::UnixStream::connect(path) {
-                Ok(_) => {
-                    return Err(BrokerError::AlreadyServing {
-                        path: path.to_owned(),
-                    });
-                }
-                Err(_) => {
-                    std::fs::remove_file(path).map_err(|source| BrokerError::RemoveStale {
-                        path: path.to_owned(),
-                        source,
-                    })?;
-                    tracing::info!(path = %path.display(), "replaced a stale socket left by a previous broker");
-                }
-            }
-        }
-        Ok(_) => {
-            return Err(BrokerError::NotASocket {
+    match check_socket_path(path)? {
+        SocketPath::Free => {}
+        SocketPath::Live => {
+            return Err(BrokerError::AlreadyServing {
                 path: path.to_owned(),
             });
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(BrokerError::InspectDir {
+        SocketPath::Stale => {
+            std::fs::remove_file(path).map_err(|source| BrokerError::RemoveStale {
                 path: path.to_owned(),
                 source,
-            });
+            })?;
+            tracing::info!(path = %path.display(), "replaced a stale socket left by a previous broker");
         }
     }
     let listener = StdUnixListener::bind(path).map_err(|source| BrokerError::Bind {
@@ -176,6 +155,49 @@ pub fn bind_socket(path: &Path, mode: u32) -> Result<StdUnixListener, BrokerErro
         }
     })?;
     Ok(listener)
+}
+
+/// What is at the socket path now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketPath {
+    /// Nothing (or the directory does not exist yet: `serve` creates it `0755`).
+    Free,
+    /// A socket that accepts connections: another broker is serving it.
+    Live,
+    /// A socket nobody accepts on: a dead broker's, replaced by `serve`.
+    Stale,
+}
+
+/// Every rule `serve` applies to the socket path before binding, without changing anything:
+/// absolute, the directory (when it exists) safe, and nothing but a socket at the path.
+/// `secretd check` runs exactly this.
+pub fn check_socket_path(path: &Path) -> Result<SocketPath, BrokerError> {
+    if !path.is_absolute() {
+        return Err(BrokerError::Relative {
+            path: path.to_owned(),
+        });
+    }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    if !dir.exists() {
+        return Ok(SocketPath::Free);
+    }
+    check_dir(dir)?;
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => Ok(SocketPath::Live),
+                Err(_) => Ok(SocketPath::Stale),
+            }
+        }
+        Ok(_) => Err(BrokerError::NotASocket {
+            path: path.to_owned(),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(SocketPath::Free),
+        Err(source) => Err(BrokerError::InspectDir {
+            path: path.to_owned(),
+            source,
+        }),
+    }
 }
 
 fn check_dir(dir: &Path) -> Result<(), BrokerError> {
@@ -194,7 +216,8 @@ fn check_dir(dir: &Path) -> Result<(), BrokerError> {
         return Err(BrokerError::UnsafeDir {
             path: dir.to_owned(),
             why: format!(
-                "mode {:04o} lets others create or replace the socket",
+                "mode {:04o} lets others create or replace the socket; put the socket in a \
+                 directory only root can write, such as /run/secretd",
                 meta.mode() & 0o7777
             ),
         });
@@ -230,10 +253,18 @@ pub async fn serve(
     health_reporter
         .set_serving::<AdminServer<AdminService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    // Reflection as both `grpc.reflection.v1` and `v1alpha`: grpcurl speaks v1, while grpcio's
+    // reflection client, grpc_cli and several GUI tools speak only v1alpha.
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection()
         .build_v1()
+        .map_err(|e| BrokerError::Serve(e.to_string()))?;
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
         .map_err(|e| BrokerError::Serve(e.to_string()))?;
     let secrets_service = SecretsService::new(Arc::clone(&broker));
     // How values leave: WatchSecret is answered by this layer rather than the generated
@@ -254,7 +285,8 @@ pub async fn serve(
         .max_concurrent_streams(limits.max_streams_per_connection)
         .http2_max_header_list_size(u32::try_from(limits.max_request_bytes).unwrap_or(u32::MAX))
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(secrets)
         .add_service(admin)
         .serve_with_incoming_shutdown(ReceiverStream::new(conns_rx), async {
@@ -280,7 +312,7 @@ pub async fn serve(
             match tokio::time::timeout(limits.shutdown_grace, &mut server).await {
                 Ok(r) => r.map_err(|e| BrokerError::Serve(e.to_string())),
                 Err(_) => {
-                    tracing::warn!(grace = ?limits.shutdown_grace, "in-flight calls did not end within the grace period; closing them");
+                    tracing::warn!(grace = %humantime::format_duration(limits.shutdown_grace), "in-flight calls did not end within the grace period; closing them");
                     Ok(())
                 }
             }

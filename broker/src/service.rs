@@ -127,17 +127,19 @@ impl<'a> Call<'a> {
         let reason = reason.into();
         let r = &self.record;
         // The audit log has every denial; the operator log the first per uid, then summaries.
+        let function = r.function.as_deref().unwrap_or("-");
+        let (names, scopes) = (r.names.join(","), r.scopes.join(","));
         if self.broker.audit.denials.note(r.uid, Refusal::Denied) {
             tracing::info!(
-                pid = r.pid, uid = r.uid, function = ?r.function, rpc = r.rpc, names = ?r.names,
-                scopes = ?r.scopes, reason = %reason,
+                pid = r.pid, uid = r.uid, function = %function, rpc = %r.rpc, names = %names,
+                scopes = %scopes, reason = %reason,
                 "denied (further denials of this uid are summarised every {})",
                 humantime::format_duration(audit::SUMMARY_EVERY)
             );
         } else {
             tracing::debug!(
-                pid = r.pid, uid = r.uid, function = ?r.function, rpc = r.rpc, names = ?r.names,
-                scopes = ?r.scopes, reason = %reason, "denied"
+                pid = r.pid, uid = r.uid, function = %function, rpc = %r.rpc, names = %names,
+                scopes = %scopes, reason = %reason, "denied"
             );
         }
         self.record.decision = Outcome::Deny;
@@ -504,6 +506,32 @@ impl AdminService {
     }
 }
 
+/// A registration under a function name that no `[[scope]]` matches on is kept (the name still
+/// labels the worker's audit records, and a reload may add its scope), but it is almost always
+/// a typo: say so to the shim, in the log and in the audit record.
+fn unknown_function_warning(policy: &crate::policy::Policy, function: &str) -> Option<String> {
+    let known = policy.functions();
+    if known.contains(&function) {
+        return None;
+    }
+    let known = if known.is_empty() {
+        "no scope matches on a function".to_owned()
+    } else {
+        format!(
+            "known: {}",
+            known
+                .iter()
+                .map(|f| format!("{f:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    Some(format!(
+        "no [[scope]] has function = {function:?} ({known}): this worker gets only what scopes \
+         without a function matcher grant it"
+    ))
+}
+
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -554,13 +582,28 @@ impl Admin for AdminService {
         };
         match result {
             Ok(reg) => {
-                call.record.reason =
-                    Some(format!("registered pid {} as {}", reg.pid, reg.function));
-                tracing::info!(pid = reg.pid, function = %reg.function, by_pid = peer.pid, "worker registered");
+                let warning = unknown_function_warning(&self.broker.config().policy, &reg.function);
+                call.record.reason = Some(format!(
+                    "registered pid {} as {}{}",
+                    reg.pid,
+                    reg.function,
+                    warning
+                        .as_deref()
+                        .map_or(String::new(), |w| format!("; warning: {w}"))
+                ));
+                match &warning {
+                    Some(w) => {
+                        tracing::warn!(pid = reg.pid, function = %reg.function, by_pid = peer.pid, "worker registered, but {w}")
+                    }
+                    None => {
+                        tracing::info!(pid = reg.pid, function = %reg.function, by_pid = peer.pid, "worker registered")
+                    }
+                }
                 call.allow()?;
                 Ok(Response::new(pb::RegisterWorkerResponse {
                     pid: reg.pid,
                     function: reg.function,
+                    warning: warning.unwrap_or_default(),
                 }))
             }
             Err(e) => Err(call.failed(tonic::Code::FailedPrecondition, e.to_string())),

@@ -767,6 +767,36 @@ fn health_reflection_and_watch() {
                 && names.contains(&"secretd.v1.Admin".to_owned()),
             "{names:?}"
         );
+        // The same through v1alpha, which grpcio's reflection client and grpc_cli speak.
+        {
+            use tonic_reflection::pb::v1alpha::{
+                ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+                server_reflection_request::MessageRequest,
+                server_reflection_response::MessageResponse,
+            };
+            let req = ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(MessageRequest::ListServices(String::new())),
+            };
+            let resp = ServerReflectionClient::new(ch.clone())
+                .server_reflection_info(tokio_stream::iter([req]))
+                .await
+                .unwrap()
+                .into_inner()
+                .message()
+                .await
+                .unwrap()
+                .unwrap();
+            let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+                panic!("no list from v1alpha")
+            };
+            let alpha: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            assert!(
+                alpha.contains(&"secretd.v1.Secrets".to_owned())
+                    && alpha.contains(&"secretd.v1.Admin".to_owned()),
+                "{alpha:?}"
+            );
+        }
 
         let mut s = pb::secrets_client::SecretsClient::new(ch.clone());
         let mut a = pb::admin_client::AdminClient::new(ch);

@@ -33,7 +33,8 @@ switching to --user/--group, and setting no_new_privs.
   --group GROUP|GID    primary group (default: the user's group in /etc/passwd); needs --user
   --keep VAR           copy VAR from the shim's environment when present (repeatable)
   --set VAR=VALUE      set VAR in PROGRAM's environment (repeatable; never for secrets)
-  --socket PATH        broker socket, passed as SECRETD_SOCKET (default /run/secretd/secretd.sock)
+  --socket PATH        broker socket, passed as SECRETD_SOCKET (default: $SECRETD_SOCKET,
+                       else /run/secretd/secretd.sock)
   --function NAME      register PROGRAM's process with the broker as this function first
   --allow-root         allow PROGRAM to run as uid 0
   --config PATH        run [program.NAME] of this shim config, as interpreter mode would

@@ -23,8 +23,9 @@
 //!   `python3` again, i.e. the shim in interpreter mode) passes through with no identity
 //!   change and no registration (it could do neither; the broker's descendant rule already
 //!   gives it its parent worker's function). Root never takes this path.
-//! - `SECRETD_SOCKET` is always set (`--socket`, config `socket`, else
-//!   `/run/secretd/secretd.sock`, which must be absolute); `--keep`/`--set` of it is refused.
+//! - `SECRETD_SOCKET` is always set (`--socket`, config `socket`, else `SECRETD_SOCKET` from
+//!   the shim's own environment when non-empty, else `/run/secretd/secretd.sock`; it must be
+//!   absolute) and registration uses the same socket; `--keep`/`--set` of it is refused.
 //!   Variable names must match `[A-Za-z_][A-Za-z0-9_]*`. Environment order: SECRETD_SOCKET,
 //!   PATH, kept variables, set variables (a later one replaces an earlier one in place).
 //! - `--config PATH -- NAME [ARG]...` runs `[program.NAME]` of PATH exactly as interpreter mode

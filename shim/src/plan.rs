@@ -2,8 +2,9 @@
 //! argv and envp, and whether to register with the broker.
 //!
 //! Pure apart from reading `<etc>/passwd` and `<etc>/group` (the directory is a parameter) and
-//! the environment through the `getenv` callback, which is asked only for the `--keep` names:
-//! the shim's environment holds the platform's secrets, and nothing else is ever read from it.
+//! the environment through the `getenv` callback, which is asked only for the `--keep` names
+//! and `SECRETD_SOCKET`: the shim's environment holds the platform's secrets, and nothing else
+//! is ever read from it.
 //! Every check that can fail without touching the process happens here, before the first
 //! privileged step.
 
@@ -122,7 +123,8 @@ pub struct Context<'a> {
     pub uids: [u32; 3],
     /// The shim's real, effective and saved gids.
     pub gids: [u32; 3],
-    /// Reads one variable of the shim's environment; asked only for `--keep` names.
+    /// Reads one variable of the shim's environment; asked only for `--keep` names and, when
+    /// no socket is configured, `SECRETD_SOCKET`.
     pub getenv: &'a dyn Fn(&str) -> Option<OsString>,
 }
 
@@ -194,13 +196,23 @@ pub fn build(launch: &Launch, ctx: &Context<'_>) -> Result<Plan, ShimError> {
         });
     }
 
-    let socket = launch
-        .socket
-        .clone()
-        .unwrap_or_else(|| DEFAULT_SOCKET.to_owned());
+    // The socket: --socket (or the config's `socket`), else SECRETD_SOCKET from the shim's own
+    // environment (as the client and the `secretd` CLI do), else the default.
+    let (socket, socket_key) = match &launch.socket {
+        Some(s) => (s.clone(), origin.key("socket")),
+        None => match (ctx.getenv)(SOCKET_VAR).filter(|v| !v.is_empty()) {
+            Some(v) => (
+                v.into_string().map_err(|_| {
+                    ShimError::Usage(format!("{SOCKET_VAR} in the environment is not UTF-8"))
+                })?,
+                format!("{SOCKET_VAR} (from the environment)"),
+            ),
+            None => (DEFAULT_SOCKET.to_owned(), origin.key("socket")),
+        },
+    };
     if !socket.starts_with('/') || socket.contains('\0') {
         return Err(ShimError::SocketNotAbsolute {
-            key: origin.key("socket"),
+            key: socket_key,
             path: socket,
         });
     }
@@ -635,6 +647,50 @@ mod tests {
             })
         );
         assert_eq!(strings(&p.envp)[0], "SECRETD_SOCKET=/run/x.sock");
+    }
+
+    /// The socket: flag (or config key) > SECRETD_SOCKET in the shim's environment > default.
+    #[test]
+    fn socket_from_flag_then_environment_then_default() {
+        let dir = etc();
+        let with_env = |socket: Option<&str>, env: Option<&str>| {
+            let mut launch = Launch::new(Origin::Flags);
+            launch.program = "/app/worker".into();
+            launch.user = Some("nonroot".into());
+            launch.function = Some("orders".into());
+            launch.socket = socket.map(str::to_owned);
+            let getenv = |name: &str| match name {
+                SOCKET_VAR => env.map(OsString::from),
+                _ => getenv(name),
+            };
+            build(
+                &launch,
+                &Context {
+                    etc: dir.path(),
+                    uids: [0; 3],
+                    gids: [0; 3],
+                    getenv: &getenv,
+                },
+            )
+        };
+        #[rustfmt::skip]
+        let rows = [
+            (Some("/run/flag.sock"), Some("/run/env.sock"), "/run/flag.sock"),
+            (None, Some("/run/env.sock"), "/run/env.sock"),
+            (None, Some(""), DEFAULT_SOCKET),
+            (None, None, DEFAULT_SOCKET),
+        ];
+        for (flag, env, want) in rows {
+            let p = with_env(flag, env).unwrap();
+            assert_eq!(strings(&p.envp)[0], format!("SECRETD_SOCKET={want}"));
+            assert_eq!(p.registration.unwrap().socket, want, "{flag:?} {env:?}");
+        }
+        assert_eq!(
+            with_env(None, Some("run/env.sock"))
+                .unwrap_err()
+                .to_string(),
+            "SECRETD_SOCKET (from the environment) must be an absolute path, got \"run/env.sock\""
+        );
     }
 
     #[test]

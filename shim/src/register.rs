@@ -4,7 +4,7 @@
 //! connection outlives it. pid 0 asks the broker to bind the calling process (by its pidfd);
 //! execve keeps the pid, so the binding passes to PROGRAM.
 
-use std::time::Duration;
+use std::{io::Write, time::Duration};
 
 use secretd_proto::v1::{RegisterWorkerRequest, admin_client::AdminClient};
 use tonic::transport::Endpoint;
@@ -23,14 +23,32 @@ pub fn register_worker(socket: &str, function: &str, timeout: Duration) -> Resul
         let endpoint = Endpoint::from_shared(format!("unix://{socket}"))
             .map_err(|e| chain(&e))?
             .connect_timeout(timeout);
-        let channel = endpoint.connect().await.map_err(|e| chain(&e))?;
-        AdminClient::new(channel)
+        let channel = endpoint.connect().await.map_err(|e| {
+            format!(
+                "{}; is the broker running, and does --socket or SECRETD_SOCKET name its socket?",
+                chain(&e)
+            )
+        })?;
+        let response = AdminClient::new(channel)
             .register_worker(RegisterWorkerRequest {
                 pid: 0,
                 function: function.to_owned(),
             })
             .await
-            .map_err(|status| format!("{:?}: {}", status.code(), status.message()))?;
+            .map_err(|status| {
+                format!(
+                    "{}: {}",
+                    secretd_proto::code_name(status.code()),
+                    status.message()
+                )
+            })?
+            .into_inner();
+        // Registered, but the broker has a word for the operator (a function name that no
+        // scope mentions): one line on stderr, where the worker's own output goes.
+        if !response.warning.is_empty() {
+            let line = response.warning.replace(['\n', '\r'], " ");
+            let _ = writeln!(std::io::stderr(), "secretd-shim: warning: {line}");
+        }
         Ok(())
     };
     let result = runtime.block_on(async {

@@ -190,7 +190,7 @@ fn registration_gives_the_worker_and_its_child_the_function_scope() {
         &out,
         125,
         &format!(
-            "cannot register as function \"orders\" with the broker at {socket}: PermissionDenied: "
+            "cannot register as function \"orders\" with the broker at {socket}: PERMISSION_DENIED: "
         ),
     );
 }

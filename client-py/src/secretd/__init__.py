@@ -13,14 +13,18 @@ caching. Every failure is a `SecretdError`; no error message, repr or log line h
 from __future__ import annotations
 
 import builtins
+import importlib
 import os
 import threading
 from collections.abc import Generator, Iterable
+from typing import TYPE_CHECKING
 
-from . import aio
 from ._common import DEFAULT_SOCKET, Identity, Retry
 from .client import Client
 from .errors import InvalidName, NotFound, PermissionDenied, SecretdError, Unavailable
+
+if TYPE_CHECKING:
+    from . import aio
 
 __all__ = [
     "DEFAULT_SOCKET",
@@ -42,6 +46,16 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # `secretd.aio` (asyncio and grpc.aio) is imported on first use, not by `import secretd`:
+    # most functions never touch it, and a cold start pays for every module imported.
+    if name == "aio":
+        # import_module, not `from . import aio`: that would look the name up here again.
+        return importlib.import_module(".aio", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _default_lock = threading.Lock()
 _default_client: Client | None = None

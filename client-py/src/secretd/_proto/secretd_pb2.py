@@ -18,7 +18,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18secretd/v1/secretd.proto\x12\nsecretd.v1\" \n\x10GetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x06Secret\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x04J\x06\x08\xff\x0f\x10\x80\x10\"\"\n\x11GetSecretsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"A\n\x12GetSecretsResponse\x12#\n\x07secrets\x18\x01 \x03(\x0b\x32\x12.secretd.v1.SecretJ\x06\x08\xff\x0f\x10\x80\x10\"\x14\n\x12ListSecretsRequest\"$\n\x13ListSecretsResponse\x12\r\n\x05names\x18\x01 \x03(\t\"\x0f\n\rWhoAmIRequest\"f\n\x0eWhoAmIResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\x10\n\x08\x66unction\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x0b\n\x03\x65xe\x18\x06 \x01(\t\"\"\n\x12WatchSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x15RegisterWorkerRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\"7\n\x16RegisterWorkerResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\"\x0f\n\rReloadRequest\"1\n\x0eReloadResponse\x12\x0f\n\x07secrets\x18\x01 \x01(\x04\x12\x0e\n\x06scopes\x18\x02 \x01(\x04\"\x0f\n\rStatusRequest\"\xa1\x01\n\x0cSourceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07secrets\x18\x02 \x01(\x04\x12\x14\n\x0clast_success\x18\x03 \x01(\t\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x17\n\x0flast_error_time\x18\x05 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x0c\n\x04node\x18\x07 \x01(\t\x12\x11\n\tfailovers\x18\x08 \x01(\x04\"\xaf\x02\n\x0b\x41uditStatus\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x12\n\non_failure\x18\x02 \x01(\t\x12\x11\n\tmax_queue\x18\x03 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x04\x12\x12\n\nqueue_peak\x18\x05 \x01(\x04\x12\x17\n\x0frecords_written\x18\x06 \x01(\x04\x12\x17\n\x0frecords_dropped\x18\x07 \x01(\x04\x12\x15\n\rcalls_refused\x18\x08 \x01(\x04\x12\x16\n\x0ewrite_failures\x18\t \x01(\x04\x12\x12\n\nqueue_full\x18\n \x01(\x04\x12\r\n\x05state\x18\x0b \x01(\t\x12\x12\n\nlast_error\x18\x0c \x01(\t\x12\x17\n\x0flast_error_time\x18\r \x01(\t\x12\x0f\n\x07reopens\x18\x0e \x01(\x04\"\xef\x02\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x04\x12\x0f\n\x07secrets\x18\x03 \x01(\x04\x12\x0e\n\x06scopes\x18\x04 \x01(\x04\x12\x1a\n\x12registered_workers\x18\x05 \x01(\x04\x12\x18\n\x10open_connections\x18\x06 \x01(\x04\x12\x15\n\rcalls_allowed\x18\x07 \x01(\x04\x12\x14\n\x0c\x63\x61lls_denied\x18\x08 \x01(\x04\x12\x0e\n\x06socket\x18\t \x01(\t\x12\x0e\n\x06\x63onfig\x18\n \x01(\t\x12)\n\x07sources\x18\x0b \x03(\x0b\x32\x18.secretd.v1.SourceStatus\x12\x0b\n\x03pid\x18\x0c \x01(\x04\x12&\n\x05\x61udit\x18\x14 \x01(\x0b\x32\x17.secretd.v1.AuditStatus\x12\x30\n\x07\x64ynamic\x18\x15 \x03(\x0b\x32\x1f.secretd.v1.DynamicSecretStatus\"T\n\x13\x44ynamicSecretStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04held\x18\x03 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x04\"\r\n\x0bScanRequest\"R\n\x07ScanHit\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03\x65xe\x18\x03 \x01(\t\x12\x0f\n\x07\x65nviron\x18\x04 \x03(\t\x12\x0f\n\x07\x63mdline\x18\x05 \x03(\t\"}\n\x0cScanResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.secretd.v1.ScanHit\x12\x19\n\x11processes_scanned\x18\x02 \x01(\r\x12\x19\n\x11processes_skipped\x18\x03 \x01(\r\x12\x14\n\x0cnot_searched\x18\x04 \x03(\t\"\x1e\n\x0eRefreshRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x0fRefreshResponse\x12\x11\n\trefreshed\x18\x01 \x01(\x04\"/\n\x10SetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"$\n\x11SetSecretResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"#\n\x13\x44\x65leteSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteSecretResponse2\xeb\x02\n\x07Secrets\x12=\n\tGetSecret\x12\x1c.secretd.v1.GetSecretRequest\x1a\x12.secretd.v1.Secret\x12K\n\nGetSecrets\x12\x1d.secretd.v1.GetSecretsRequest\x1a\x1e.secretd.v1.GetSecretsResponse\x12N\n\x0bListSecrets\x12\x1e.secretd.v1.ListSecretsRequest\x1a\x1f.secretd.v1.ListSecretsResponse\x12?\n\x06WhoAmI\x12\x19.secretd.v1.WhoAmIRequest\x1a\x1a.secretd.v1.WhoAmIResponse\x12\x43\n\x0bWatchSecret\x12\x1e.secretd.v1.WatchSecretRequest\x1a\x12.secretd.v1.Secret0\x01\x32\xfe\x03\n\x05\x41\x64min\x12W\n\x0eRegisterWorker\x12!.secretd.v1.RegisterWorkerRequest\x1a\".secretd.v1.RegisterWorkerResponse\x12?\n\x06Reload\x12\x19.secretd.v1.ReloadRequest\x1a\x1a.secretd.v1.ReloadResponse\x12?\n\x06Status\x12\x19.secretd.v1.StatusRequest\x1a\x1a.secretd.v1.StatusResponse\x12\x39\n\x04Scan\x12\x17.secretd.v1.ScanRequest\x1a\x18.secretd.v1.ScanResponse\x12\x42\n\x07Refresh\x12\x1a.secretd.v1.RefreshRequest\x1a\x1b.secretd.v1.RefreshResponse\x12H\n\tSetSecret\x12\x1c.secretd.v1.SetSecretRequest\x1a\x1d.secretd.v1.SetSecretResponse\x12Q\n\x0c\x44\x65leteSecret\x12\x1f.secretd.v1.DeleteSecretRequest\x1a .secretd.v1.DeleteSecretResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18secretd/v1/secretd.proto\x12\nsecretd.v1\" \n\x10GetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x06Secret\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x04J\x06\x08\xff\x0f\x10\x80\x10\"\"\n\x11GetSecretsRequest\x12\r\n\x05names\x18\x01 \x03(\t\"A\n\x12GetSecretsResponse\x12#\n\x07secrets\x18\x01 \x03(\x0b\x32\x12.secretd.v1.SecretJ\x06\x08\xff\x0f\x10\x80\x10\"\x14\n\x12ListSecretsRequest\"$\n\x13ListSecretsResponse\x12\r\n\x05names\x18\x01 \x03(\t\"\x0f\n\rWhoAmIRequest\"f\n\x0eWhoAmIResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03gid\x18\x03 \x01(\r\x12\x10\n\x08\x66unction\x18\x04 \x01(\t\x12\x0e\n\x06scopes\x18\x05 \x03(\t\x12\x0b\n\x03\x65xe\x18\x06 \x01(\t\"\"\n\x12WatchSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"6\n\x15RegisterWorkerRequest\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\"H\n\x16RegisterWorkerResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x10\n\x08\x66unction\x18\x02 \x01(\t\x12\x0f\n\x07warning\x18\x03 \x01(\t\"\x0f\n\rReloadRequest\"1\n\x0eReloadResponse\x12\x0f\n\x07secrets\x18\x01 \x01(\x04\x12\x0e\n\x06scopes\x18\x02 \x01(\x04\"\x0f\n\rStatusRequest\"\xa1\x01\n\x0cSourceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07secrets\x18\x02 \x01(\x04\x12\x14\n\x0clast_success\x18\x03 \x01(\t\x12\x12\n\nlast_error\x18\x04 \x01(\t\x12\x17\n\x0flast_error_time\x18\x05 \x01(\t\x12\x0e\n\x06\x65rrors\x18\x06 \x01(\x04\x12\x0c\n\x04node\x18\x07 \x01(\t\x12\x11\n\tfailovers\x18\x08 \x01(\x04\"\xaf\x02\n\x0b\x41uditStatus\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\x12\n\non_failure\x18\x02 \x01(\t\x12\x11\n\tmax_queue\x18\x03 \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x04\x12\x12\n\nqueue_peak\x18\x05 \x01(\x04\x12\x17\n\x0frecords_written\x18\x06 \x01(\x04\x12\x17\n\x0frecords_dropped\x18\x07 \x01(\x04\x12\x15\n\rcalls_refused\x18\x08 \x01(\x04\x12\x16\n\x0ewrite_failures\x18\t \x01(\x04\x12\x12\n\nqueue_full\x18\n \x01(\x04\x12\r\n\x05state\x18\x0b \x01(\t\x12\x12\n\nlast_error\x18\x0c \x01(\t\x12\x17\n\x0flast_error_time\x18\r \x01(\t\x12\x0f\n\x07reopens\x18\x0e \x01(\x04\"\xef\x02\n\x0eStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x04\x12\x0f\n\x07secrets\x18\x03 \x01(\x04\x12\x0e\n\x06scopes\x18\x04 \x01(\x04\x12\x1a\n\x12registered_workers\x18\x05 \x01(\x04\x12\x18\n\x10open_connections\x18\x06 \x01(\x04\x12\x15\n\rcalls_allowed\x18\x07 \x01(\x04\x12\x14\n\x0c\x63\x61lls_denied\x18\x08 \x01(\x04\x12\x0e\n\x06socket\x18\t \x01(\t\x12\x0e\n\x06\x63onfig\x18\n \x01(\t\x12)\n\x07sources\x18\x0b \x03(\x0b\x32\x18.secretd.v1.SourceStatus\x12\x0b\n\x03pid\x18\x0c \x01(\x04\x12&\n\x05\x61udit\x18\x14 \x01(\x0b\x32\x17.secretd.v1.AuditStatus\x12\x30\n\x07\x64ynamic\x18\x15 \x03(\x0b\x32\x1f.secretd.v1.DynamicSecretStatus\"T\n\x13\x44ynamicSecretStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0c\n\x04held\x18\x03 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\x04\"\r\n\x0bScanRequest\"R\n\x07ScanHit\x12\x0b\n\x03pid\x18\x01 \x01(\r\x12\x0b\n\x03uid\x18\x02 \x01(\r\x12\x0b\n\x03\x65xe\x18\x03 \x01(\t\x12\x0f\n\x07\x65nviron\x18\x04 \x03(\t\x12\x0f\n\x07\x63mdline\x18\x05 \x03(\t\"}\n\x0cScanResponse\x12!\n\x04hits\x18\x01 \x03(\x0b\x32\x13.secretd.v1.ScanHit\x12\x19\n\x11processes_scanned\x18\x02 \x01(\r\x12\x19\n\x11processes_skipped\x18\x03 \x01(\r\x12\x14\n\x0cnot_searched\x18\x04 \x03(\t\"\x1e\n\x0eRefreshRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x0fRefreshResponse\x12\x11\n\trefreshed\x18\x01 \x01(\x04\"/\n\x10SetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"$\n\x11SetSecretResponse\x12\x0f\n\x07version\x18\x01 \x01(\x04\"#\n\x13\x44\x65leteSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteSecretResponse2\xeb\x02\n\x07Secrets\x12=\n\tGetSecret\x12\x1c.secretd.v1.GetSecretRequest\x1a\x12.secretd.v1.Secret\x12K\n\nGetSecrets\x12\x1d.secretd.v1.GetSecretsRequest\x1a\x1e.secretd.v1.GetSecretsResponse\x12N\n\x0bListSecrets\x12\x1e.secretd.v1.ListSecretsRequest\x1a\x1f.secretd.v1.ListSecretsResponse\x12?\n\x06WhoAmI\x12\x19.secretd.v1.WhoAmIRequest\x1a\x1a.secretd.v1.WhoAmIResponse\x12\x43\n\x0bWatchSecret\x12\x1e.secretd.v1.WatchSecretRequest\x1a\x12.secretd.v1.Secret0\x01\x32\xfe\x03\n\x05\x41\x64min\x12W\n\x0eRegisterWorker\x12!.secretd.v1.RegisterWorkerRequest\x1a\".secretd.v1.RegisterWorkerResponse\x12?\n\x06Reload\x12\x19.secretd.v1.ReloadRequest\x1a\x1a.secretd.v1.ReloadResponse\x12?\n\x06Status\x12\x19.secretd.v1.StatusRequest\x1a\x1a.secretd.v1.StatusResponse\x12\x39\n\x04Scan\x12\x17.secretd.v1.ScanRequest\x1a\x18.secretd.v1.ScanResponse\x12\x42\n\x07Refresh\x12\x1a.secretd.v1.RefreshRequest\x1a\x1b.secretd.v1.RefreshResponse\x12H\n\tSetSecret\x12\x1c.secretd.v1.SetSecretRequest\x1a\x1d.secretd.v1.SetSecretResponse\x12Q\n\x0c\x44\x65leteSecret\x12\x1f.secretd.v1.DeleteSecretRequest\x1a .secretd.v1.DeleteSecretResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,41 +46,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERWORKERREQUEST']._serialized_start=458
   _globals['_REGISTERWORKERREQUEST']._serialized_end=512
   _globals['_REGISTERWORKERRESPONSE']._serialized_start=514
-  _globals['_REGISTERWORKERRESPONSE']._serialized_end=569
-  _globals['_RELOADREQUEST']._serialized_start=571
-  _globals['_RELOADREQUEST']._serialized_end=586
-  _globals['_RELOADRESPONSE']._serialized_start=588
-  _globals['_RELOADRESPONSE']._serialized_end=637
-  _globals['_STATUSREQUEST']._serialized_start=639
-  _globals['_STATUSREQUEST']._serialized_end=654
-  _globals['_SOURCESTATUS']._serialized_start=657
-  _globals['_SOURCESTATUS']._serialized_end=818
-  _globals['_AUDITSTATUS']._serialized_start=821
-  _globals['_AUDITSTATUS']._serialized_end=1124
-  _globals['_STATUSRESPONSE']._serialized_start=1127
-  _globals['_STATUSRESPONSE']._serialized_end=1494
-  _globals['_DYNAMICSECRETSTATUS']._serialized_start=1496
-  _globals['_DYNAMICSECRETSTATUS']._serialized_end=1580
-  _globals['_SCANREQUEST']._serialized_start=1582
-  _globals['_SCANREQUEST']._serialized_end=1595
-  _globals['_SCANHIT']._serialized_start=1597
-  _globals['_SCANHIT']._serialized_end=1679
-  _globals['_SCANRESPONSE']._serialized_start=1681
-  _globals['_SCANRESPONSE']._serialized_end=1806
-  _globals['_REFRESHREQUEST']._serialized_start=1808
-  _globals['_REFRESHREQUEST']._serialized_end=1838
-  _globals['_REFRESHRESPONSE']._serialized_start=1840
-  _globals['_REFRESHRESPONSE']._serialized_end=1876
-  _globals['_SETSECRETREQUEST']._serialized_start=1878
-  _globals['_SETSECRETREQUEST']._serialized_end=1925
-  _globals['_SETSECRETRESPONSE']._serialized_start=1927
-  _globals['_SETSECRETRESPONSE']._serialized_end=1963
-  _globals['_DELETESECRETREQUEST']._serialized_start=1965
-  _globals['_DELETESECRETREQUEST']._serialized_end=2000
-  _globals['_DELETESECRETRESPONSE']._serialized_start=2002
-  _globals['_DELETESECRETRESPONSE']._serialized_end=2024
-  _globals['_SECRETS']._serialized_start=2027
-  _globals['_SECRETS']._serialized_end=2390
-  _globals['_ADMIN']._serialized_start=2393
-  _globals['_ADMIN']._serialized_end=2903
+  _globals['_REGISTERWORKERRESPONSE']._serialized_end=586
+  _globals['_RELOADREQUEST']._serialized_start=588
+  _globals['_RELOADREQUEST']._serialized_end=603
+  _globals['_RELOADRESPONSE']._serialized_start=605
+  _globals['_RELOADRESPONSE']._serialized_end=654
+  _globals['_STATUSREQUEST']._serialized_start=656
+  _globals['_STATUSREQUEST']._serialized_end=671
+  _globals['_SOURCESTATUS']._serialized_start=674
+  _globals['_SOURCESTATUS']._serialized_end=835
+  _globals['_AUDITSTATUS']._serialized_start=838
+  _globals['_AUDITSTATUS']._serialized_end=1141
+  _globals['_STATUSRESPONSE']._serialized_start=1144
+  _globals['_STATUSRESPONSE']._serialized_end=1511
+  _globals['_DYNAMICSECRETSTATUS']._serialized_start=1513
+  _globals['_DYNAMICSECRETSTATUS']._serialized_end=1597
+  _globals['_SCANREQUEST']._serialized_start=1599
+  _globals['_SCANREQUEST']._serialized_end=1612
+  _globals['_SCANHIT']._serialized_start=1614
+  _globals['_SCANHIT']._serialized_end=1696
+  _globals['_SCANRESPONSE']._serialized_start=1698
+  _globals['_SCANRESPONSE']._serialized_end=1823
+  _globals['_REFRESHREQUEST']._serialized_start=1825
+  _globals['_REFRESHREQUEST']._serialized_end=1855
+  _globals['_REFRESHRESPONSE']._serialized_start=1857
+  _globals['_REFRESHRESPONSE']._serialized_end=1893
+  _globals['_SETSECRETREQUEST']._serialized_start=1895
+  _globals['_SETSECRETREQUEST']._serialized_end=1942
+  _globals['_SETSECRETRESPONSE']._serialized_start=1944
+  _globals['_SETSECRETRESPONSE']._serialized_end=1980
+  _globals['_DELETESECRETREQUEST']._serialized_start=1982
+  _globals['_DELETESECRETREQUEST']._serialized_end=2017
+  _globals['_DELETESECRETRESPONSE']._serialized_start=2019
+  _globals['_DELETESECRETRESPONSE']._serialized_end=2041
+  _globals['_SECRETS']._serialized_start=2044
+  _globals['_SECRETS']._serialized_end=2407
+  _globals['_ADMIN']._serialized_start=2410
+  _globals['_ADMIN']._serialized_end=2920
 # @@protoc_insertion_point(module_scope)

@@ -81,12 +81,14 @@ class RegisterWorkerRequest(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., function: _Optional[str] = ...) -> None: ...
 
 class RegisterWorkerResponse(_message.Message):
-    __slots__ = ("pid", "function")
+    __slots__ = ("pid", "function", "warning")
     PID_FIELD_NUMBER: _ClassVar[int]
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    WARNING_FIELD_NUMBER: _ClassVar[int]
     pid: int
     function: str
-    def __init__(self, pid: _Optional[int] = ..., function: _Optional[str] = ...) -> None: ...
+    warning: str
+    def __init__(self, pid: _Optional[int] = ..., function: _Optional[str] = ..., warning: _Optional[str] = ...) -> None: ...
 
 class ReloadRequest(_message.Message):
     __slots__ = ()
