@@ -102,7 +102,7 @@ mod tests {
             .iter()
             .filter_map(|f| match f {
                 Finding::Problem(p) => Some(p.as_str()),
-                Finding::Note(_) => None,
+                Finding::Note(_) | Finding::Warning(_) => None,
             })
             .collect()
     }
