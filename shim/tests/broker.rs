@@ -173,7 +173,7 @@ fn registration_gives_the_worker_and_its_child_the_function_scope() {
     let (code, out, err) = launch(None, &[&secretd, "get", "ORDERS_DB"]);
     assert_ne!(code, Some(0));
     assert!(!out.contains(SECRET_VALUE) && !err.contains(SECRET_VALUE));
-    assert!(err.contains("PermissionDenied"), "{err}");
+    assert!(err.contains("PERMISSION_DENIED"), "{err}");
 
     // A caller outside admin_uids cannot register: 125, with the broker's reason.
     let mut cmd = shim();
