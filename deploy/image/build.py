@@ -9,8 +9,8 @@ Stages a Docker build context from nothing but Debian packages and this project,
    ``~/.cache``), keyed by the package list, the apt sources and this recipe: a cache hit
    saves ≈ 20 s and a download of ≈ 15 MB. ``--refresh-rootfs`` rebuilds it (security updates).
 2. usr/lib/python3/dist-packages — the client from client-py/src plus grpcio and protobuf at
-   the versions pinned in requirements-dev.txt, as manylinux cp311 wheels (`pip --target`
-   with the host's pip; the image's Python is 3.11, so the ABI matches).
+   the versions pinned in requirements.txt (the client's run-time pins), as manylinux cp311
+   wheels (`pip --target` with the host's pip; the image's Python is 3.11, so the ABI matches).
 3. usr/bin — the static `secretd` and `secretd-shim` from ``--bin-dir``.
 4. etc (passwd, group, /etc/secretd) and app/function.py from deploy/image.
 
@@ -153,10 +153,10 @@ def rootfs(refresh: bool) -> Path:
 
 
 def pinned(package: str) -> str:
-    for line in (REPO / "requirements-dev.txt").read_text().splitlines():
+    for line in (REPO / "requirements.txt").read_text().splitlines():
         if line.split("==")[0].strip() == package:
             return line.strip()
-    raise SystemExit(f"image: {package} is not pinned in requirements-dev.txt")
+    raise SystemExit(f"image: {package} is not pinned in requirements.txt")
 
 
 def site_packages(target: Path) -> None:
