@@ -158,7 +158,11 @@ fn scopes_decide_by_peer_uid_and_hide_which_names_exist() {
 
     // Malformed names: INVALID_ARGUMENT, without echoing the name.
     let bad = cli_as(&sb, UID_ORDERS, UID_ORDERS, &["get", "../etc/passwd"]);
-    assert!(stderr(&bad).contains("INVALID_ARGUMENT"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("INVALID_ARGUMENT"),
+        "{}",
+        stderr(&bad)
+    );
     assert!(!stderr(&bad).contains("etc/passwd"));
 
     // ListSecrets: only names in scope, never values.
