@@ -37,7 +37,7 @@ pub enum ShimError {
         column: usize,
         message: String,
     },
-    #[error("{path} has no [program.{name}] section (this binary was invoked as {name:?})")]
+    #[error("{path} has no [program.{}] section (this binary was invoked as {name:?})", name.escape_debug())]
     ConfigNoProgram { path: PathBuf, name: String },
     #[error("{path} [program.{name}]: {message}")]
     ConfigInvalid {
@@ -119,6 +119,12 @@ pub enum ShimError {
 }
 
 impl ShimError {
+    /// The message as the shim prints it: one line whatever the error quotes (an argv[0], a
+    /// path from `SECRETD_SHIM_CONFIG`): line breaks become spaces.
+    pub fn line(&self) -> String {
+        self.to_string().replace(['\n', '\r'], " ")
+    }
+
     /// The process exit status for this error (contract §4).
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -144,6 +150,22 @@ fn io_desc(e: &std::io::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interpreter_name_with_line_breaks_stays_one_line() {
+        // Found by the shim_args_config fuzz target: argv[0] is the caller's to choose.
+        let e = ShimError::ConfigNoProgram {
+            path: PathBuf::from("/etc/secretd/shim.toml\nforged"),
+            name: "gunicorn\"\n# user = \"root\"".to_owned(),
+        };
+        assert!(!e.line().contains(['\n', '\r']), "{}", e.line());
+        assert!(
+            e.line()
+                .contains(r#"[program.gunicorn\"\n# user = \"root\"]"#),
+            "{}",
+            e.line()
+        );
+    }
 
     #[test]
     fn exit_codes_follow_the_contract() {

@@ -57,8 +57,7 @@ fn main() {
         Ok(()) => 0,
         Err(e) => {
             // One line, naming the cause; never a value from the environment.
-            let line = e.to_string().replace(['\n', '\r'], " ");
-            let _ = writeln!(std::io::stderr(), "secretd-shim: {line}");
+            let _ = writeln!(std::io::stderr(), "secretd-shim: {}", e.line());
             e.exit_code()
         }
     };
