@@ -74,6 +74,51 @@ def missing(reason: str) -> NoReturn:
 needs_root = pytest.mark.needs_root
 
 
+def write_openbao_config(
+    sandbox: Sandbox,
+    *,
+    address: str | list[str],
+    ca: Path,
+    refresh: str,
+    role_id: str,
+    secret_id: Path,
+    sources: str,
+    extra: str = "",
+) -> None:
+    """The broker config every OpenBao test uses: AppRole login, no env source, one scope
+    "me" for this uid over ORDERS_DB; `sources` is the OpenBao table after `.auth` (static
+    mappings or a dynamic secret), `extra` is appended."""
+    uid = os.geteuid()
+    sandbox.run_dir.mkdir(mode=0o755, exist_ok=True)
+    sandbox.config.write_text(
+        f"""
+[server]
+socket = "{sandbox.socket}"
+admin_uids = [{uid}]
+audit_log = "{sandbox.audit_log}"
+
+[sources.env]
+include = []
+
+[sources.openbao]
+address = {json.dumps(address)}
+ca_file = "{ca}"
+refresh = "{refresh}"
+
+[sources.openbao.auth]
+method = "approle"
+role_id = "{role_id}"
+secret_id_file = "{secret_id}"
+
+{sources}
+[[scope]]
+name = "me"
+uid = {uid}
+secrets = ["ORDERS_DB"]
+{extra}"""
+    )
+
+
 def find_bin_dir() -> Path | None:
     """SECRETD_BIN_DIR if set, else the release build, else the debug build."""
     env = os.environ.get("SECRETD_BIN_DIR")

@@ -17,7 +17,6 @@ too (PostgreSQL then runs as that uid; as root it runs as `nobody`).
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -28,7 +27,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from harness import Binaries, Broker, BrokerError, Processes, Sandbox, missing
+from harness import (
+    Binaries,
+    Broker,
+    BrokerError,
+    Processes,
+    Sandbox,
+    missing,
+    write_openbao_config,
+)
 from postgres import Postgres, find_pg_bin
 from test_openbao import Bao, next_in_thread, start_bao
 
@@ -144,40 +151,21 @@ def start_broker(
     role_id = (sandbox.root / "role-id").read_text()
     if template is None:
         template = f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{pg.port}/postgres"
-    uid = os.geteuid()
-    sandbox.run_dir.mkdir(mode=0o755, exist_ok=True)
-    sandbox.config.write_text(
-        f"""
-[server]
-socket = "{sandbox.socket}"
-admin_uids = [{uid}]
-audit_log = "{sandbox.audit_log}"
-
-[sources.env]
-include = []
-
-[sources.openbao]
-address = "{bao.address}"
-ca_file = "{bao.ca}"
-refresh = "1h"
-
-[sources.openbao.auth]
-method = "approle"
-role_id = "{role_id}"
-secret_id_file = "{secret_id}"
-
-[sources.openbao.dynamic.ORDERS_DB]
+    write_openbao_config(
+        sandbox,
+        address=bao.address,
+        ca=bao.ca,
+        refresh="1h",
+        role_id=role_id,
+        secret_id=secret_id,
+        sources=f"""[sources.openbao.dynamic.ORDERS_DB]
 path = "{path}"
 template = "{template}"
 rotate_before = "{rotate_before}"
 revoke_grace = "{revoke_grace}"
 revoke_on_shutdown = {str(revoke_on_shutdown).lower()}
-
-[[scope]]
-name = "me"
-uid = {uid}
-secrets = ["ORDERS_DB"]
-{extra_config}"""
+""",
+        extra=extra_config,
     )
     broker = Broker(bins, sandbox, processes, {})
     broker.start()

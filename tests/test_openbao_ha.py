@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from harness import Binaries, Broker, Processes, Sandbox
+from harness import Binaries, Broker, Processes, Sandbox, write_openbao_config
 from openbao_cluster import Cluster, find_bao, free_ports
 
 import secretd
@@ -73,36 +73,14 @@ def ha() -> Iterator[Ha]:
 def write_config(
     sandbox: Sandbox, cluster: Cluster, addresses: list[str], role_id: str, secret_id: Path
 ) -> None:
-    uid = os.geteuid()
-    sandbox.run_dir.mkdir(mode=0o755, exist_ok=True)
-    sandbox.config.write_text(
-        f"""
-[server]
-socket = "{sandbox.socket}"
-admin_uids = [{uid}]
-audit_log = "{sandbox.audit_log}"
-
-[sources.env]
-include = []
-
-[sources.openbao]
-address = {json.dumps(addresses)}
-ca_file = "{cluster.ca}"
-refresh = "1s"
-
-[sources.openbao.auth]
-method = "approle"
-role_id = "{role_id}"
-secret_id_file = "{secret_id}"
-
-[sources.openbao.secrets]
-ORDERS_DB = "apps/orders#db"
-
-[[scope]]
-name = "me"
-uid = {uid}
-secrets = ["ORDERS_DB"]
-"""
+    write_openbao_config(
+        sandbox,
+        address=addresses,
+        ca=cluster.ca,
+        refresh="1s",
+        role_id=role_id,
+        secret_id=secret_id,
+        sources='[sources.openbao.secrets]\nORDERS_DB = "apps/orders#db"\n',
     )
 
 
