@@ -30,9 +30,10 @@ sys.path[:0] = [str(REPO / "tests"), str(REPO / "demo")]
 
 from following_pool import FollowingPool  # noqa: E402
 from harness import Binaries, Processes, Sandbox, find_bin_dir  # noqa: E402
+from openbao_cluster import find_bao  # noqa: E402
 from postgres import Postgres, find_pg_bin  # noqa: E402
 from test_dynamic import GENERATED, database_engine, start_broker  # noqa: E402
-from test_openbao import Bao, find_bao  # noqa: E402
+from test_openbao import Bao  # noqa: E402
 
 import secretd  # noqa: E402
 
